@@ -1,0 +1,4 @@
+//! squib-runtime: turns an OCI bundle into a VM plan and drives it through the controller.
+//!
+//! The library is shared by the `squib` CLI and the containerd shim.
+#![warn(missing_docs)]
