@@ -2,3 +2,5 @@
 //!
 //! The library is shared by the `squib` CLI and the containerd shim.
 #![warn(missing_docs)]
+
+pub mod rootfs;
