@@ -3,4 +3,5 @@
 //! The library is shared by the `squib` CLI and the containerd shim.
 #![warn(missing_docs)]
 
+pub mod plan;
 pub mod rootfs;
