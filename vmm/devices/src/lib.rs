@@ -9,6 +9,7 @@
 
 pub mod bus;
 pub mod interrupt;
+pub mod virtio;
 pub mod wake;
 
 pub use bus::{Bus, BusDevice, BusError};
