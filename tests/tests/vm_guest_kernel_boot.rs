@@ -1,0 +1,120 @@
+//! VM test: the squib guest kernel boots with the busybox test initramfs under QEMU's
+//! microvm machine on this machine's KVM and reaches its init, and a test script added to
+//! the initramfs runs and reports its exit status.
+//!
+//! QEMU's microvm has no i8042, so the kernel is told to reset through a triple fault
+//! (`reboot=t`); `-no-reboot` turns that reset into QEMU's exit.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use squib_tests::process::output_with_timeout;
+use squib_tests::vm_env::{self, INIT_READY_MARKER, TEST_EXIT_MARKER};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let base = vm_env::results_dir().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("guest-kernel-boot-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Boots kernel + initramfs under `qemu-system-x86_64 -M microvm -accel kvm` and returns the
+/// console log; fails the test if QEMU does not exit cleanly in time.
+fn boot(initramfs: &Path, dir: &Path) -> String {
+    let kernel = vm_env::test_kernel().unwrap();
+    let console = dir.join("console.log");
+    let out = output_with_timeout(
+        Command::new("qemu-system-x86_64").args([
+            "-M",
+            "microvm",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            &format!("file:{}", console.display()),
+            "-kernel",
+            &kernel.to_string_lossy(),
+            "-initrd",
+            &initramfs.to_string_lossy(),
+            "-append",
+            "console=ttyS0 reboot=t panic=-1",
+        ]),
+        BOOT_TIMEOUT,
+    )
+    .unwrap();
+    let log = fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        !out.timed_out && out.status.success(),
+        "qemu {} after {:?} (timed out: {}); stderr: {}; console log {}:\n{log}",
+        out.status,
+        out.elapsed,
+        out.timed_out,
+        String::from_utf8_lossy(&out.stderr),
+        console.display(),
+    );
+    eprintln!("guest boot and reset took {:?}", out.elapsed);
+    log
+}
+
+#[test]
+fn test_guest_kernel_reaches_init_marker_under_qemu_microvm() {
+    let dir = scratch_dir("plain");
+    let log = boot(&vm_env::test_initramfs().unwrap(), &dir);
+    assert!(
+        log.lines().any(|l| l.trim_end() == INIT_READY_MARKER),
+        "no {INIT_READY_MARKER} line in the console log:\n{log}"
+    );
+    assert!(
+        !log.contains(TEST_EXIT_MARKER),
+        "plain initramfs ran a test script:\n{log}"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn test_guest_initramfs_runs_added_test_script_and_reports_its_status() {
+    let dir = scratch_dir("script");
+    let extra = dir.join("extra");
+    fs::create_dir_all(&extra).unwrap();
+    let script = extra.join("squib-test");
+    fs::write(
+        &script,
+        "#!/bin/sh\necho \"squib-test ran as pid $$ with $(nproc) cpu on $(uname -r)\"\n\
+         grep -q ' /proc proc ' /proc/mounts && echo squib-test-proc-mounted\nexit 7\n",
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let initramfs = dir.join("initramfs.cpio");
+    vm_env::make_initramfs(&initramfs, Some(&extra)).unwrap();
+    let log = boot(&initramfs, &dir);
+    let lines: Vec<&str> = log.lines().map(str::trim_end).collect();
+    let ready = lines.iter().position(|l| *l == INIT_READY_MARKER);
+    let ran = lines
+        .iter()
+        .position(|l| l.starts_with("squib-test ran as pid"));
+    let proc_ok = lines.iter().position(|l| *l == "squib-test-proc-mounted");
+    let exit = lines
+        .iter()
+        .position(|l| *l == format!("{TEST_EXIT_MARKER}7"));
+    assert!(
+        ready.is_some() && ready < ran && ran < proc_ok && proc_ok < exit,
+        "expected marker, script output, proc check and exit status 7 in order:\n{log}"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
