@@ -8,27 +8,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use squib_tests::process::{TimedOutput, output_with_timeout};
+use squib_tests::process::{ProcessError, TimedOutput, output_with_timeout};
 use squib_tests::vm_env::repo_root;
 
 const EXIT_SETUP: i32 = 249;
 const EXIT_TIMEOUT: i32 = 250;
 
-fn vmhost(cwd: &Path, opts: &[&str], cmd: &[&OsStr]) -> TimedOutput {
+fn vmhost(cwd: &Path, opts: &[&str], cmd: &[&OsStr]) -> Result<TimedOutput, ProcessError> {
     let mut c = Command::new(repo_root().join("tests/vmhost/run"));
     c.current_dir(cwd)
         .args(["--mem", "1024"])
         .args(opts)
         .arg("--")
         .args(cmd);
-    output_with_timeout(&mut c, Duration::from_secs(600)).unwrap()
+    output_with_timeout(&mut c, Duration::from_secs(600))
 }
 
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("squib-vmhost-test-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn describe(out: &TimedOutput) -> String {
@@ -44,7 +44,7 @@ fn describe(out: &TimedOutput) -> String {
 
 #[test]
 fn test_vmhost_returns_exact_streams_args_env_cwd_and_status() {
-    let dir = scratch("exact");
+    let dir = scratch("exact").unwrap();
     // Arguments and environment with bytes that shells, quoting and UTF-8 all trip over.
     let arg_out = OsStr::from_bytes(b" two  spaces 'single' \"double\" $HOME `x` \\ \n\t\xff\n\n");
     let arg_err = OsStr::from_bytes(b"-n");
@@ -77,7 +77,7 @@ fn test_vmhost_returns_exact_streams_args_env_cwd_and_status() {
 
 #[test]
 fn test_vmhost_returns_zero_and_keeps_writes_outside_results_in_l1() {
-    let dir = scratch("writes");
+    let dir = scratch("writes").unwrap();
     let results = dir.join("results");
     let leak_tmp = dir.join("leak-in-cwd");
     let leak_var = PathBuf::from(format!("/var/tmp/squib-vmhost-leak-{}", std::process::id()));
@@ -91,7 +91,8 @@ fn test_vmhost_returns_zero_and_keeps_writes_outside_results_in_l1() {
         &dir,
         &["--results", &results.to_string_lossy()],
         &[OsStr::new("sh"), OsStr::new("-c"), OsStr::new(&script)],
-    );
+    )
+    .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(fs::read_to_string(results.join("kept")).unwrap(), "kept\n");
     assert!(
@@ -109,7 +110,7 @@ fn test_vmhost_returns_zero_and_keeps_writes_outside_results_in_l1() {
 
 #[test]
 fn test_vmhost_reports_signal_death_as_128_plus_signal() {
-    let dir = scratch("signal");
+    let dir = scratch("signal").unwrap();
     let out = vmhost(
         &dir,
         &[],
@@ -118,19 +119,21 @@ fn test_vmhost_reports_signal_death_as_128_plus_signal() {
             OsStr::new("-c"),
             OsStr::new("kill -KILL $$"),
         ],
-    );
+    )
+    .unwrap();
     assert_eq!(out.status.code(), Some(137), "{}", describe(&out));
     fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn test_vmhost_kills_l1_at_timeout_and_says_so() {
-    let dir = scratch("timeout");
+    let dir = scratch("timeout").unwrap();
     let out = vmhost(
         &dir,
         &["--timeout", "20"],
         &[OsStr::new("sleep"), OsStr::new("600")],
-    );
+    )
+    .unwrap();
     assert_eq!(out.status.code(), Some(EXIT_TIMEOUT), "{}", describe(&out));
     assert!(out.elapsed < Duration::from_secs(120), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -161,7 +164,7 @@ fn test_vmhost_kills_l1_at_timeout_and_says_so() {
 
 #[test]
 fn test_vmhost_rejects_missing_command_without_booting() {
-    let dir = scratch("usage");
+    let dir = scratch("usage").unwrap();
     let mut c = Command::new(repo_root().join("tests/vmhost/run"));
     c.current_dir(&dir).args(["--timeout", "5"]);
     let out = output_with_timeout(&mut c, Duration::from_secs(60)).unwrap();

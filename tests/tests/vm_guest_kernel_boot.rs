@@ -16,18 +16,18 @@ use squib_tests::vm_env::{self, INIT_READY_MARKER, TEST_EXIT_MARKER};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn scratch_dir(name: &str) -> PathBuf {
+fn scratch_dir(name: &str) -> std::io::Result<PathBuf> {
     let base = vm_env::results_dir().unwrap_or_else(std::env::temp_dir);
     let dir = base.join(format!("guest-kernel-boot-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Boots kernel + initramfs under `qemu-system-x86_64 -M microvm -accel kvm` and returns the
-/// console log; fails the test if QEMU does not exit cleanly in time.
-fn boot(initramfs: &Path, dir: &Path) -> String {
-    let kernel = vm_env::test_kernel().unwrap();
+/// console log, or an error saying how QEMU failed to exit cleanly in time.
+fn boot(initramfs: &Path, dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
+    let kernel = vm_env::test_kernel()?;
     let console = dir.join("console.log");
     let out = output_with_timeout(
         Command::new("qemu-system-x86_64").args([
@@ -56,26 +56,27 @@ fn boot(initramfs: &Path, dir: &Path) -> String {
             "console=ttyS0 reboot=t panic=-1",
         ]),
         BOOT_TIMEOUT,
-    )
-    .unwrap();
+    )?;
     let log = fs::read_to_string(&console).unwrap_or_default();
-    assert!(
-        !out.timed_out && out.status.success(),
-        "qemu {} after {:?} (timed out: {}); stderr: {}; console log {}:\n{log}",
-        out.status,
-        out.elapsed,
-        out.timed_out,
-        String::from_utf8_lossy(&out.stderr),
-        console.display(),
-    );
+    if out.timed_out || !out.status.success() {
+        return Err(format!(
+            "qemu {} after {:?} (timed out: {}); stderr: {}; console log {}:\n{log}",
+            out.status,
+            out.elapsed,
+            out.timed_out,
+            String::from_utf8_lossy(&out.stderr),
+            console.display(),
+        )
+        .into());
+    }
     eprintln!("guest boot and reset took {:?}", out.elapsed);
-    log
+    Ok(log)
 }
 
 #[test]
 fn test_guest_kernel_reaches_init_marker_under_qemu_microvm() {
-    let dir = scratch_dir("plain");
-    let log = boot(&vm_env::test_initramfs().unwrap(), &dir);
+    let dir = scratch_dir("plain").unwrap();
+    let log = boot(&vm_env::test_initramfs().unwrap(), &dir).unwrap();
     assert!(
         log.lines().any(|l| l.trim_end() == INIT_READY_MARKER),
         "no {INIT_READY_MARKER} line in the console log:\n{log}"
@@ -89,7 +90,7 @@ fn test_guest_kernel_reaches_init_marker_under_qemu_microvm() {
 
 #[test]
 fn test_guest_initramfs_runs_added_test_script_and_reports_its_status() {
-    let dir = scratch_dir("script");
+    let dir = scratch_dir("script").unwrap();
     let extra = dir.join("extra");
     fs::create_dir_all(&extra).unwrap();
     let script = extra.join("squib-test");
@@ -102,7 +103,7 @@ fn test_guest_initramfs_runs_added_test_script_and_reports_its_status() {
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
     let initramfs = dir.join("initramfs.cpio");
     vm_env::make_initramfs(&initramfs, Some(&extra)).unwrap();
-    let log = boot(&initramfs, &dir);
+    let log = boot(&initramfs, &dir).unwrap();
     let lines: Vec<&str> = log.lines().map(str::trim_end).collect();
     let ready = lines.iter().position(|l| *l == INIT_READY_MARKER);
     let ran = lines
