@@ -271,17 +271,20 @@ impl BlockWorker {
             guest_warn!(self.limiter, device = NAME, "request without a status byte");
             return 0;
         };
-        let (status, data_len) = if chain.readable.read_bytes(&self.mem, 0, &mut header)
-            != header.len()
-        {
-            guest_warn!(self.limiter, device = NAME, "request header shorter than 16 bytes");
-            (VIRTIO_BLK_S_IOERR, 0)
-        } else {
-            let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
-            let kind = u32::from_le_bytes([t0, t1, t2, t3]);
-            let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
-            self.execute(chain, kind, sector, status_at)
-        };
+        let (status, data_len) =
+            if chain.readable.read_bytes(&self.mem, 0, &mut header) != header.len() {
+                guest_warn!(
+                    self.limiter,
+                    device = NAME,
+                    "request header shorter than 16 bytes"
+                );
+                (VIRTIO_BLK_S_IOERR, 0)
+            } else {
+                let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+                let kind = u32::from_le_bytes([t0, t1, t2, t3]);
+                let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+                self.execute(chain, kind, sector, status_at)
+            };
         if chain.writable.write_bytes(&self.mem, status_at, &[status]) != 1 {
             return 0;
         }
@@ -314,7 +317,12 @@ impl BlockWorker {
             }
             VIRTIO_BLK_T_OUT => {
                 if disk.read_only {
-                    guest_warn!(limiter, device = NAME, sector, "write to a read-only disk refused");
+                    guest_warn!(
+                        limiter,
+                        device = NAME,
+                        sector,
+                        "write to a read-only disk refused"
+                    );
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 let len = chain.readable.len().saturating_sub(HEADER_LEN);
@@ -346,23 +354,32 @@ impl BlockWorker {
             }
             VIRTIO_BLK_T_GET_ID => {
                 // virtio 1.2, 5.2.6: up to 20 bytes, NUL-padded; a shorter buffer gets a prefix.
-                let n = status_at.min(DEVICE_ID_LEN as u32);
+                let n = status_at.min(u32::try_from(DEVICE_ID_LEN).unwrap_or(u32::MAX));
                 let id = disk.id.get(..n as usize).unwrap_or_default();
                 let written = chain.writable.write_bytes(mem, 0, id);
                 (VIRTIO_BLK_S_OK, u32::try_from(written).unwrap_or(0))
             }
             _ => {
-                guest_warn!(limiter, device = NAME, kind, "unsupported block request type");
+                guest_warn!(
+                    limiter,
+                    device = NAME,
+                    kind,
+                    "unsupported block request type"
+                );
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
         }
     }
-
 }
 
 /// The byte offset of `len` bytes at `sector`, if that range is whole sectors inside a disk of
 /// `capacity_bytes`.
-fn check_range(limiter: &mut LogLimiter, capacity_bytes: u64, sector: u64, len: u32) -> Option<u64> {
+fn check_range(
+    limiter: &mut LogLimiter,
+    capacity_bytes: u64,
+    sector: u64,
+    len: u32,
+) -> Option<u64> {
     let ok = sector
         .checked_mul(SECTOR_SIZE)
         .filter(|_| u64::from(len) % SECTOR_SIZE == 0)
@@ -371,13 +388,23 @@ fn check_range(limiter: &mut LogLimiter, capacity_bytes: u64, sector: u64, len: 
                 .is_some_and(|end| end <= capacity_bytes)
         });
     if ok.is_none() {
-        guest_warn!(limiter, device = NAME, sector, len, "request outside the disk or not whole sectors");
+        guest_warn!(
+            limiter,
+            device = NAME,
+            sector,
+            len,
+            "request outside the disk or not whole sectors"
+        );
     }
     ok
 }
 
 /// `pread` until the slice is full; a short read means the file shrank under us.
-fn pread_full(file: &File, slice: &vm_memory::VolatileSlice<'_>, offset: u64) -> std::io::Result<usize> {
+fn pread_full(
+    file: &File,
+    slice: &vm_memory::VolatileSlice<'_>,
+    offset: u64,
+) -> std::io::Result<usize> {
     let mut done = 0usize;
     while done < slice.len() {
         let rest = slice
@@ -393,7 +420,11 @@ fn pread_full(file: &File, slice: &vm_memory::VolatileSlice<'_>, offset: u64) ->
 }
 
 /// `pwrite` until the slice is written.
-fn pwrite_full(file: &File, slice: &vm_memory::VolatileSlice<'_>, offset: u64) -> std::io::Result<usize> {
+fn pwrite_full(
+    file: &File,
+    slice: &vm_memory::VolatileSlice<'_>,
+    offset: u64,
+) -> std::io::Result<usize> {
     let mut done = 0usize;
     while done < slice.len() {
         let rest = slice
@@ -409,6 +440,11 @@ fn pwrite_full(file: &File, slice: &vm_memory::VolatileSlice<'_>, offset: u64) -
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test values are small and positive"
+)]
 mod tests {
     use super::*;
     use crate::virtio::testing::{MockQueue, activate_context, test_memory};
@@ -518,20 +554,25 @@ mod tests {
         assert_eq!(q.used_elem(0).1, 1025);
         assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
         let mut got = vec![0u8; 512];
-        mem.read_slice(&mut got, GuestAddress(DATA + 0x1000)).unwrap();
+        mem.read_slice(&mut got, GuestAddress(DATA + 0x1000))
+            .unwrap();
         let want: Vec<u8> = (3 * 512..4 * 512).map(|i| (i % 251) as u8).collect();
         assert_eq!(got, want);
 
         // Write sector 15 (the last), header and data in one readable buffer.
         header(&mem, HDR, VIRTIO_BLK_T_OUT, 15);
-        mem.write_slice(&[0xabu8; 512], GuestAddress(HDR + 16)).unwrap();
+        mem.write_slice(&[0xabu8; 512], GuestAddress(HDR + 16))
+            .unwrap();
         q.add_chain(&[(HDR, 16 + 512, false), (STATUS, 1, true)]);
         events[0].signal().unwrap();
         q.wait_used(2);
         assert_eq!(q.used_elem(1).1, 1);
         assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_OK);
         let mut on_disk = Vec::new();
-        File::open(&fx.path).unwrap().read_to_end(&mut on_disk).unwrap();
+        File::open(&fx.path)
+            .unwrap()
+            .read_to_end(&mut on_disk)
+            .unwrap();
         assert_eq!(&on_disk[15 * 512..], &[0xab; 512][..]);
 
         header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);

@@ -14,9 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// Descriptor flag: the chain continues at `next`.
 const DESC_F_NEXT: u16 = 1;
@@ -112,14 +110,37 @@ struct RawDesc {
     next: u16,
 }
 
-fn read_desc(mem: &GuestMemoryMmap, table: GuestAddress, index: u16) -> Result<RawDesc, ChainError> {
+fn read_desc(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    index: u16,
+) -> Result<RawDesc, ChainError> {
     let gpa = table
         .checked_add(u64::from(index) * DESC_SIZE)
         .ok_or(ChainError::TableUnreadable { gpa: u64::MAX })?;
     let mut raw = [0u8; 16];
     mem.read_slice(&mut raw, gpa)
-        .map_err(|_| ChainError::TableUnreadable { gpa: gpa.raw_value() })?;
-    let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
+        .map_err(|_| ChainError::TableUnreadable {
+            gpa: gpa.raw_value(),
+        })?;
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        l0,
+        l1,
+        l2,
+        l3,
+        f0,
+        f1,
+        n0,
+        n1,
+    ] = raw;
     Ok(RawDesc {
         addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
         len: u32::from_le_bytes([l0, l1, l2, l3]),
@@ -178,7 +199,8 @@ pub fn walk_chain(
             if u64::from(desc.len) % DESC_SIZE != 0 {
                 return Err(bad);
             }
-            let entries = u32::try_from(u64::from(desc.len) / DESC_SIZE).map_err(|_| bad.clone())?;
+            let entries =
+                u32::try_from(u64::from(desc.len) / DESC_SIZE).map_err(|_| bad.clone())?;
             if entries > MAX_INDIRECT_DESCS {
                 return Err(bad);
             }
@@ -356,15 +378,13 @@ fn cvt(ret: libc::ssize_t) -> io::Result<usize> {
 ///
 /// The OS error of `pread(2)`.
 pub fn pread_into(fd: &impl AsRawFd, slice: &VolatileSlice<'_>, offset: u64) -> io::Result<usize> {
-    let off = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let guard = slice.ptr_guard_mut();
     loop {
         // SAFETY: the pointer and length describe mapped guest memory that `slice` keeps alive
         // for this call; the kernel writes at most `slice.len()` bytes there.
-        let ret = unsafe {
-            libc::pread(fd.as_raw_fd(), guard.as_ptr().cast(), slice.len(), off)
-        };
+        let ret = unsafe { libc::pread(fd.as_raw_fd(), guard.as_ptr().cast(), slice.len(), off) };
         match cvt(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             other => return other,
@@ -378,15 +398,13 @@ pub fn pread_into(fd: &impl AsRawFd, slice: &VolatileSlice<'_>, offset: u64) -> 
 ///
 /// The OS error of `pwrite(2)`.
 pub fn pwrite_from(fd: &impl AsRawFd, slice: &VolatileSlice<'_>, offset: u64) -> io::Result<usize> {
-    let off = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let guard = slice.ptr_guard();
     loop {
         // SAFETY: the pointer and length describe mapped guest memory that `slice` keeps alive
         // for this call; the kernel only reads it.
-        let ret = unsafe {
-            libc::pwrite(fd.as_raw_fd(), guard.as_ptr().cast(), slice.len(), off)
-        };
+        let ret = unsafe { libc::pwrite(fd.as_raw_fd(), guard.as_ptr().cast(), slice.len(), off) };
         match cvt(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             other => return other,
@@ -452,7 +470,9 @@ fn send_raw(fd: RawFd, ptr: *const u8, len: usize) -> io::Result<usize> {
 
 /// Reads a little-endian `u16` from guest memory with acquire ordering.
 pub(crate) fn load_u16(mem: &GuestMemoryMmap, gpa: GuestAddress) -> Option<u16> {
-    mem.load::<u16>(gpa, Ordering::Acquire).ok().map(u16::from_le)
+    mem.load::<u16>(gpa, Ordering::Acquire)
+        .ok()
+        .map(u16::from_le)
 }
 
 #[cfg(test)]
@@ -464,7 +484,11 @@ mod tests {
     fn test_walk_chain_splits_readable_and_writable() {
         let mem = test_memory();
         let mut q = MockQueue::new(&mem, 16);
-        let head = q.add_chain(&[(0x10_0000, 16, false), (0x10_1000, 512, true), (0x10_2000, 1, true)]);
+        let head = q.add_chain(&[
+            (0x10_0000, 16, false),
+            (0x10_1000, 512, true),
+            (0x10_2000, 1, true),
+        ]);
         let chain = walk_chain(&mem, q.desc_table(), 16, head, 16).unwrap();
         assert_eq!(chain.readable.len(), 16);
         assert_eq!(chain.writable.len(), 513);
@@ -582,8 +606,14 @@ mod tests {
     fn test_segments_copy_across_boundaries() {
         let mem = test_memory();
         let segs = Segments::from_segments(&[
-            Segment { gpa: GuestAddress(0x10_0000), len: 3 },
-            Segment { gpa: GuestAddress(0x10_1000), len: 5 },
+            Segment {
+                gpa: GuestAddress(0x10_0000),
+                len: 3,
+            },
+            Segment {
+                gpa: GuestAddress(0x10_1000),
+                len: 5,
+            },
         ])
         .unwrap();
         assert_eq!(segs.write_bytes(&mem, 1, b"abcdefghij"), 7);

@@ -281,9 +281,7 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            reg::QUEUE_NUM_MAX => self
-                .selected_queue()
-                .map_or(0, |q| u32::from(q.max_size)),
+            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
             reg::INTERRUPT_STATUS => self.irq.status(),
             reg::STATUS => self.status(),
@@ -292,7 +290,12 @@ impl MmioTransport {
             reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => 0,
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                guest_warn!(self.limiter, device = self.device.name(), offset, "read of an unknown virtio-mmio register");
+                guest_warn!(
+                    self.limiter,
+                    device = self.device.name(),
+                    offset,
+                    "read of an unknown virtio-mmio register"
+                );
                 0
             }
         }
@@ -304,7 +307,12 @@ impl MmioTransport {
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             reg::DRIVER_FEATURES => {
                 if self.status & status::DRIVER == 0 || self.status & status::FEATURES_OK != 0 {
-                    guest_warn!(self.limiter, device = self.device.name(), status = self.status, "driver features written outside negotiation");
+                    guest_warn!(
+                        self.limiter,
+                        device = self.device.name(),
+                        status = self.status,
+                        "driver features written outside negotiation"
+                    );
                     return;
                 }
                 match self.driver_features_sel {
@@ -330,7 +338,12 @@ impl MmioTransport {
             | reg::QUEUE_DEVICE_LOW
             | reg::QUEUE_DEVICE_HIGH => self.write_queue_reg(offset, v),
             _ => {
-                guest_warn!(self.limiter, device = self.device.name(), offset, "write to an unknown or read-only virtio-mmio register");
+                guest_warn!(
+                    self.limiter,
+                    device = self.device.name(),
+                    offset,
+                    "write to an unknown or read-only virtio-mmio register"
+                );
             }
         }
     }
@@ -340,13 +353,23 @@ impl MmioTransport {
         let name = self.device.name();
         let sel = self.queue_sel;
         let Some(q) = self.selected_queue() else {
-            guest_warn!(self.limiter, device = name, queue = sel, "queue register written for a queue that does not exist");
+            guest_warn!(
+                self.limiter,
+                device = name,
+                queue = sel,
+                "queue register written for a queue that does not exist"
+            );
             return;
         };
         // virtio 1.2, 4.2.3.2: queue registers are written between FEATURES_OK and DRIVER_OK,
         // and only while the queue is not ready.
         if !writable || (q.ready && offset != reg::QUEUE_READY) {
-            guest_warn!(self.limiter, device = name, offset, "queue register written outside queue setup");
+            guest_warn!(
+                self.limiter,
+                device = name,
+                offset,
+                "queue register written outside queue setup"
+            );
             return;
         }
         match offset {
@@ -364,7 +387,12 @@ impl MmioTransport {
 
     fn notify_queue(&mut self, index: u32) {
         if !self.activated {
-            guest_warn!(self.limiter, device = self.device.name(), queue = index, "queue notified before DRIVER_OK");
+            guest_warn!(
+                self.limiter,
+                device = self.device.name(),
+                queue = index,
+                "queue notified before DRIVER_OK"
+            );
             return;
         }
         let ev = usize::try_from(index).ok().and_then(|i| self.notify.get(i));
@@ -375,7 +403,12 @@ impl MmioTransport {
                 }
             }
             None => {
-                guest_warn!(self.limiter, device = self.device.name(), queue = index, "notify for a queue that does not exist");
+                guest_warn!(
+                    self.limiter,
+                    device = self.device.name(),
+                    queue = index,
+                    "notify for a queue that does not exist"
+                );
             }
         }
     }
@@ -394,7 +427,13 @@ impl MmioTransport {
         // DEVICE_NEEDS_RESET belongs to the device; a driver echoing it back changes nothing.
         let v = v & !status::DEVICE_NEEDS_RESET;
         if v & old != old {
-            guest_warn!(self.limiter, device = self.device.name(), old, new = v, "driver cleared device status bits without a reset");
+            guest_warn!(
+                self.limiter,
+                device = self.device.name(),
+                old,
+                new = v,
+                "driver cleared device status bits without a reset"
+            );
             return;
         }
         let added = v & !old;
@@ -409,7 +448,12 @@ impl MmioTransport {
                 } else {
                     // virtio 1.2, 2.2.2 / 3.1.1: the device leaves FEATURES_OK clear and the
                     // driver sees negotiation failed when it reads the status back.
-                    guest_warn!(self.limiter, device = self.device.name(), acked = self.acked_features, "refusing FEATURES_OK");
+                    guest_warn!(
+                        self.limiter,
+                        device = self.device.name(),
+                        acked = self.acked_features,
+                        "refusing FEATURES_OK"
+                    );
                 }
             }
             status::DRIVER_OK if old == base | status::FEATURES_OK => {
@@ -417,7 +461,13 @@ impl MmioTransport {
                 self.activate();
             }
             _ => {
-                guest_warn!(self.limiter, device = self.device.name(), old, new = v, "invalid device status transition");
+                guest_warn!(
+                    self.limiter,
+                    device = self.device.name(),
+                    old,
+                    new = v,
+                    "invalid device status transition"
+                );
             }
         }
     }
@@ -453,7 +503,14 @@ impl MmioTransport {
                     notify: notify.clone(),
                 }),
                 None => {
-                    guest_warn!(self.limiter, device = name, queue = index, size = regs.size, desc = regs.desc, "queue not ready or its rings lie outside guest memory");
+                    guest_warn!(
+                        self.limiter,
+                        device = name,
+                        queue = index,
+                        size = regs.size,
+                        desc = regs.desc,
+                        "queue not ready or its rings lie outside guest memory"
+                    );
                     self.irq.mark_needs_reset();
                     return;
                 }
@@ -468,7 +525,11 @@ impl MmioTransport {
         match self.device.activate(ctx) {
             Ok(()) => {
                 self.activated = true;
-                tracing::debug!(device = name, features = self.acked_features, "virtio device activated");
+                tracing::debug!(
+                    device = name,
+                    features = self.acked_features,
+                    "virtio device activated"
+                );
             }
             Err(error) => {
                 tracing::error!(device = name, %error, "activating virtio device failed");
@@ -486,10 +547,16 @@ impl BusDevice for MmioTransport {
         }
         let value = self.read_reg(offset);
         match <&mut [u8; 4]>::try_from(&mut *data) {
-            Ok(out) if offset % 4 == 0 => *out = value.to_le_bytes(),
+            Ok(out) if offset.is_multiple_of(4) => *out = value.to_le_bytes(),
             _ => {
                 data.fill(0);
-                guest_warn!(self.limiter, device = self.device.name(), offset, len = data.len(), "misaligned or non-32-bit virtio-mmio register read");
+                guest_warn!(
+                    self.limiter,
+                    device = self.device.name(),
+                    offset,
+                    len = data.len(),
+                    "misaligned or non-32-bit virtio-mmio register read"
+                );
             }
         }
     }
@@ -497,22 +564,39 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= reg::CONFIG {
             if self.status & status::DRIVER == 0 {
-                guest_warn!(self.limiter, device = self.device.name(), offset, "configuration written before DRIVER");
+                guest_warn!(
+                    self.limiter,
+                    device = self.device.name(),
+                    offset,
+                    "configuration written before DRIVER"
+                );
                 return;
             }
             self.device.write_config(offset - reg::CONFIG, data);
             return;
         }
         match <[u8; 4]>::try_from(data) {
-            Ok(bytes) if offset % 4 == 0 => self.write_reg(offset, u32::from_le_bytes(bytes)),
+            Ok(bytes) if offset.is_multiple_of(4) => {
+                self.write_reg(offset, u32::from_le_bytes(bytes))
+            }
             _ => {
-                guest_warn!(self.limiter, device = self.device.name(), offset, len = data.len(), "misaligned or non-32-bit virtio-mmio register write");
+                guest_warn!(
+                    self.limiter,
+                    device = self.device.name(),
+                    offset,
+                    len = data.len(),
+                    "misaligned or non-32-bit virtio-mmio register write"
+                );
             }
         }
     }
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "test addresses fit in 32 bits"
+)]
 mod tests {
     use super::*;
     use crate::virtio::testing::{CountingLine, MockQueue, test_memory};
@@ -635,7 +719,10 @@ mod tests {
         assert!(!negotiate(&mut t, 1 << 3));
         // DRIVER_OK cannot follow a refused negotiation.
         wr(&mut t, reg::STATUS, 0xf);
-        assert_eq!(rd(&mut t, reg::STATUS), status::ACKNOWLEDGE | status::DRIVER);
+        assert_eq!(
+            rd(&mut t, reg::STATUS),
+            status::ACKNOWLEDGE | status::DRIVER
+        );
     }
 
     #[test]

@@ -12,9 +12,11 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 #[cfg(test)]
+#[expect(clippy::cast_possible_truncation, reason = "test values are small")]
 pub(crate) mod testing;
 
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use crate::{InterruptLine, WakeEvent};
 pub use block::{Block, BlockError};
 pub use mmio::MmioTransport;
 pub use rng::Rng;
+pub use vsock::{Vsock, VsockError};
 
 /// virtio device type of a block device (virtio 1.2, section 5).
 pub const DEVICE_TYPE_BLOCK: u32 = 2;

@@ -77,6 +77,10 @@ impl<'a> MockQueue<'a> {
     pub fn size(&self) -> u16 {
         self.size
     }
+    /// The descriptor index the next `add_chain` starts at.
+    pub fn next_head(&self) -> u16 {
+        self.next_desc
+    }
 
     pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let mut raw = [0u8; 16];
@@ -122,7 +126,11 @@ impl<'a> MockQueue<'a> {
     }
 
     pub fn used_idx(&self) -> u16 {
-        u16::from_le(self.mem.read_obj(self.used_addr().unchecked_add(2)).unwrap())
+        u16::from_le(
+            self.mem
+                .read_obj(self.used_addr().unchecked_add(2))
+                .unwrap(),
+        )
     }
 
     /// The `(id, len)` of used ring entry `i`.
@@ -168,7 +176,12 @@ impl<'a> MockQueue<'a> {
 pub fn activate_context(
     mem: &GuestMemoryMmap,
     queues: &[&MockQueue<'_>],
-) -> (ActivateContext, Vec<Arc<WakeEvent>>, Arc<CountingLine>, Arc<IrqStatus>) {
+) -> (
+    ActivateContext,
+    Vec<Arc<WakeEvent>>,
+    Arc<CountingLine>,
+    Arc<IrqStatus>,
+) {
     let line = Arc::new(CountingLine::default());
     let irq = Arc::new(IrqStatus::new(line.clone()));
     let mut active = Vec::new();

@@ -207,15 +207,13 @@ impl DeviceQueue {
             return None;
         }
         let table = GuestAddress(self.queue.desc_table());
-        Some(
-            match walk_chain(mem, table, size, head, self.max_descs) {
-                Ok(chain) => Popped::Chain(chain),
-                Err(error) => {
-                    guest_warn!(self.limiter, device = self.name, %error, "bad descriptor chain");
-                    Popped::Bad { head, error }
-                }
-            },
-        )
+        Some(match walk_chain(mem, table, size, head, self.max_descs) {
+            Ok(chain) => Popped::Chain(chain),
+            Err(error) => {
+                guest_warn!(self.limiter, device = self.name, %error, "bad descriptor chain");
+                Popped::Bad { head, error }
+            }
+        })
     }
 
     /// Puts the last popped chain back (the device could not use it yet).
