@@ -399,7 +399,11 @@ impl MmioTransport {
         match ev {
             Some(ev) => {
                 if let Err(error) = ev.signal() {
-                    tracing::error!(device = self.device.name(), %error, "waking a device worker failed");
+                    tracing::error!(
+                        device = self.device.name(),
+                        %error,
+                        "waking a device worker failed"
+                    );
                 }
             }
             None => {

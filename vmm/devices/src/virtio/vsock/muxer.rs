@@ -317,7 +317,10 @@ impl Muxer {
         while self.pending.len() < MAX_PENDING {
             match self.host.listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(error) = stream.set_nonblocking(true) {
+                    if let Err(error) = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| no_sigpipe(&stream))
+                    {
                         tracing::warn!(device = NAME, %error, "host vsock connection unusable");
                         continue;
                     }
@@ -330,7 +333,11 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
-                    tracing::warn!(device = NAME, %error, "accepting a host vsock connection failed");
+                    tracing::warn!(
+                        device = NAME,
+                        %error,
+                        "accepting a host vsock connection failed"
+                    );
                     return;
                 }
             }
@@ -553,14 +560,19 @@ impl Muxer {
         let mut path = self.host.path.clone().into_os_string();
         path.push(format!("_{}", key.0));
         let path = PathBuf::from(path);
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        match connect_nonblocking(&path) {
             Ok(stream) => {
                 self.conns
                     .insert(key, Conn::new(stream, State::Established, Some(hdr)));
                 self.push_ctrl(key, OP_RESPONSE, 0);
             }
             Err(error) => {
-                tracing::debug!(device = NAME, path = %path.display(), %error, "guest vsock connection refused");
+                tracing::debug!(
+                    device = NAME,
+                    path = %path.display(),
+                    %error,
+                    "guest vsock connection refused"
+                );
                 self.push_ctrl(key, OP_RST, 0);
             }
         }
@@ -841,6 +853,56 @@ impl Muxer {
                 }
             }
         }
+    }
+}
+
+/// Connects to a host listener without ever blocking the worker: a listener whose backlog is
+/// full refuses (`EAGAIN`) instead of making us wait.
+fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(true)?;
+    nix::fcntl::fcntl(
+        &stream,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    no_sigpipe(&stream)?;
+    let addr = UnixAddr::new(path)?;
+    connect(stream.as_raw_fd(), &addr)?;
+    Ok(stream)
+}
+
+/// Linux suppresses `SIGPIPE` per send (`MSG_NOSIGNAL`); other hosts need it per socket.
+#[cfg(target_os = "linux")]
+fn no_sigpipe(_stream: &UnixStream) -> io::Result<()> {
+    Ok(())
+}
+
+/// Linux suppresses `SIGPIPE` per send (`MSG_NOSIGNAL`); other hosts need it per socket.
+#[cfg(not(target_os = "linux"))]
+fn no_sigpipe(stream: &UnixStream) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is an open socket owned by `stream`; the option value points to a live
+    // c_int whose size is passed alongside.
+    let ret = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NOSIGPIPE,
+            std::ptr::from_ref(&one).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
