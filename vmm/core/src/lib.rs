@@ -11,7 +11,14 @@
 #![warn(missing_docs)]
 
 pub mod action;
+pub mod arch;
+#[cfg(target_arch = "x86_64")]
+pub mod builder;
 pub mod config;
 pub mod event_loop;
+pub mod memory;
 pub mod mirror;
 pub mod snapshot;
+pub mod vcpu;
+#[cfg(target_arch = "x86_64")]
+pub mod vm;

@@ -1,16 +1,22 @@
 //! The hypervisor seam: [`Hypervisor`] -> [`Vm`] -> [`Vcpu`], returning backend-neutral
-//! [`VmExit`]s, with a KVM backend (Linux, x86_64 and aarch64) and a Hypervisor.framework backend
-//! (macOS, aarch64; type-checked on every host).
+//! [`VmExit`]s, with a KVM backend (Linux) and a Hypervisor.framework backend (macOS, aarch64;
+//! type-checked on every host).
 //!
 //! The traits follow the stricter backend, HVF: a vCPU is created, run and inspected only on the
 //! thread that created it (so [`Vcpu`] is not `Send`), there is no ioeventfd or irqfd (queue
 //! notifies arrive as MMIO exits), and interrupts go through an [`InterruptLine`] that the
-//! backend implements. No `kvm_bindings` or `hv_*` type crosses these traits.
+//! backend implements. No `kvm_bindings` or `hv_*` type crosses these traits: x86_64 register
+//! state travels in the neutral structs of [`x86_64`], and [`probe`] picks the host's backend.
 #![warn(missing_docs)]
 
 use std::sync::Arc;
 
 pub use squib_devices::InterruptLine;
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
 
 /// Why a vCPU stopped running guest code.
 ///
@@ -48,7 +54,8 @@ pub enum VmExit<'a> {
     },
     /// The guest powered the machine off.
     Shutdown,
-    /// The guest asked for a reset (reboot); squib ends the VM as Firecracker does.
+    /// The guest asked for a reset (reboot), or the CPU reset itself (x86_64 triple fault);
+    /// squib ends the VM as Firecracker does.
     Reset,
     /// The run was interrupted from another thread through a [`VcpuKicker`].
     Interrupted,
@@ -64,7 +71,7 @@ pub enum VmExit<'a> {
 /// A handle that makes a running vCPU return [`VmExit::Interrupted`] from another thread.
 pub trait VcpuKicker: Send + Sync {
     /// Forces the vCPU out of guest mode as soon as possible, also if it is not in guest mode
-    /// yet (the next [`Vcpu::run`] returns at once).
+    /// yet (the next [`Vcpu::run`] returns at once). Does nothing once the vCPU is gone.
     fn kick(&self);
 }
 
@@ -79,6 +86,23 @@ pub trait Vcpu {
 
     /// A handle other threads use to kick this vCPU out of [`Vcpu::run`].
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
+
+    /// x86_64: loads the boot state (CPUID, MSRs, registers) described by `setup`. The backend
+    /// adds what it owns itself: FPU defaults and the local APIC's LINT0/LINT1 wiring.
+    ///
+    /// # Errors
+    ///
+    /// [`HypervisorError::Call`] naming the register class the backend refused.
+    #[cfg(target_arch = "x86_64")]
+    fn configure_x86_64(&mut self, setup: &x86_64::VcpuSetup) -> Result<(), HypervisorError>;
+
+    /// x86_64: the vCPU's TSC frequency in kHz when the backend can tell, `None` otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`HypervisorError::Call`] when the backend offers the query but it fails.
+    #[cfg(target_arch = "x86_64")]
+    fn tsc_khz(&self) -> Result<Option<u32>, HypervisorError>;
 }
 
 /// A failure of the hypervisor backend. Raw codes are kept for diagnosis.
@@ -104,16 +128,28 @@ pub enum HypervisorError {
         /// The raw code.
         code: i64,
     },
+    /// A value handed to the backend does not fit what it accepts.
+    #[error("{field} = {value:#x} is out of range for the hypervisor")]
+    OutOfRange {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
 }
 
 /// The host's hypervisor: creates VMs.
 pub trait Hypervisor: Send + Sync {
-    /// Creates an empty VM (no memory, no vCPUs).
+    /// Creates an empty VM (no memory, no vCPUs) with its interrupt controller and, on x86_64,
+    /// its timer (PIT) in place.
     ///
     /// # Errors
     ///
     /// [`HypervisorError`] when the backend refuses.
     fn create_vm(&self) -> Result<Arc<dyn Vm>, HypervisorError>;
+
+    /// The most vCPUs one VM may have on this host.
+    fn max_vcpus(&self) -> u32;
 }
 
 /// One virtual machine: memory, interrupt controller, vCPUs.
@@ -149,4 +185,32 @@ pub trait Vm: Send + Sync {
     ///
     /// [`HypervisorError`] when the line cannot be had.
     fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>, HypervisorError>;
+
+    /// x86_64: the CPUID leaves the backend can virtualise, before any per-VM filtering.
+    ///
+    /// # Errors
+    ///
+    /// [`HypervisorError::Call`] when the backend cannot list them.
+    #[cfg(target_arch = "x86_64")]
+    fn supported_cpuid(&self) -> Result<Vec<x86_64::CpuidEntry>, HypervisorError>;
+}
+
+/// Opens the host's hypervisor: KVM on Linux x86_64.
+///
+/// # Errors
+///
+/// [`HypervisorError::Unavailable`] when the host has none squib can drive.
+pub fn probe() -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        Ok(Arc::new(kvm::KvmHypervisor::open()?))
+    }
+    // Known limitation: only KVM on x86_64 is wired into the probe so far; the HVF and aarch64
+    // KVM backends register here once they exist.
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    {
+        Err(HypervisorError::Unavailable {
+            reason: "no backend is built for this host".to_string(),
+        })
+    }
 }

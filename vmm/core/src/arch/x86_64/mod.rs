@@ -1,0 +1,611 @@
+//! x86_64 boot: load the kernel (ELF `vmlinux`, with its PVH entry when it has one, or
+//! `bzImage`), the initrd and the command line into guest memory, write what the kernel reads
+//! at entry (PVH `hvm_start_info` and memory map, or `boot_params` with its E820 table), the
+//! GDT, identity page tables and MP table, and describe each vCPU's first register state.
+//!
+//! Two entry protocols:
+//! - PVH (preferred when the ELF has a `XEN_ELFNOTE_PHYS32_ENTRY` note): 32-bit protected
+//!   mode, paging off, EBX = address of `hvm_start_info`.
+//! - Linux 64-bit boot protocol: long mode with the first GiB identity-mapped, RSI = address
+//!   of `boot_params`.
+
+pub mod cpuid;
+pub mod gdt;
+pub mod i8042;
+pub mod layout;
+pub mod mptable;
+pub mod paging;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
+use squib_hypervisor::x86_64::{
+    CpuidEntry, DescriptorTable, GeneralRegisters, MsrEntry, SpecialRegisters, VcpuSetup,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use layout::{
+    BOOT_STACK_POINTER, CMDLINE_MAX_SIZE, CMDLINE_START, GDT_START, HIMEM_START, IDT_START,
+    MemoryMapEntry, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
+    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+};
+
+/// A failure while loading the boot images or writing boot structures.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel image cannot be opened or read.
+    #[error("cannot read kernel image {path}")]
+    ReadKernel {
+        /// The image's path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image is neither a loadable ELF nor a bzImage.
+    #[error("kernel image {path} cannot be loaded: {reason}")]
+    LoadKernel {
+        /// The image's path.
+        path: PathBuf,
+        /// What linux-loader said.
+        reason: String,
+    },
+    /// The initrd cannot be opened or read.
+    #[error("cannot read initrd {path}")]
+    ReadInitrd {
+        /// The initrd's path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit between the kernel and the end of low memory.
+    #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}")]
+    InitrdTooLarge {
+        /// The initrd's path.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The highest address it may end at.
+        limit: u64,
+    },
+    /// The command line is longer than the kernel accepts.
+    #[error("kernel command line is {len} bytes, longer than {max}")]
+    CmdlineTooLong {
+        /// Its length with the terminating NUL.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The command line holds a NUL byte.
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    /// A boot structure does not fit in guest memory.
+    #[error("writing {what} at {gpa:#x} into guest memory failed")]
+    WriteGuestMemory {
+        /// Which structure.
+        what: &'static str,
+        /// Where it was to go.
+        gpa: u64,
+    },
+    /// The memory map has more entries than the boot structure holds.
+    #[error("memory map has {entries} entries, more than {max}")]
+    MemoryMapTooLong {
+        /// How many there are.
+        entries: usize,
+        /// How many fit.
+        max: usize,
+    },
+    /// The MP table cannot describe the VM.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// PVH: 32-bit protected mode at `entry`, EBX = the `hvm_start_info` address.
+    Pvh {
+        /// Physical entry address from the ELF note.
+        entry: u64,
+    },
+    /// Linux 64-bit boot protocol at `entry`, RSI = the `boot_params` address.
+    Linux64 {
+        /// Physical address of the 64-bit entry.
+        entry: u64,
+    },
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootImages<'a> {
+    /// ELF vmlinux or bzImage.
+    pub kernel: &'a Path,
+    /// Optional initramfs.
+    pub initrd: Option<&'a Path>,
+    /// The complete kernel command line.
+    pub cmdline: &'a str,
+}
+
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+const PAGE_SIZE: u64 = 0x1000;
+
+fn write_bytes(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    gpa: u64,
+    bytes: &[u8],
+) -> Result<(), BootError> {
+    mem.write_slice(bytes, GuestAddress(gpa))
+        .map_err(|_| BootError::WriteGuestMemory { what, gpa })
+}
+
+fn write_u64s(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    gpa: u64,
+    words: &[u64],
+) -> Result<(), BootError> {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    write_bytes(mem, what, gpa, &bytes)
+}
+
+/// Loads the kernel, initrd and command line and writes every boot structure. `mem_size_bytes`
+/// is the VM's RAM size (the layout of [`layout::ram_regions`]).
+///
+/// # Errors
+///
+/// [`BootError`] naming the image or structure that could not be loaded or written.
+pub fn load_boot_images(
+    mem: &GuestMemoryMmap,
+    mem_size_bytes: u64,
+    vcpu_count: u8,
+    images: &BootImages<'_>,
+) -> Result<EntryPoint, BootError> {
+    let read_kernel = |source| BootError::ReadKernel {
+        path: images.kernel.to_path_buf(),
+        source,
+    };
+    let mut kernel = File::open(images.kernel).map_err(read_kernel)?;
+    let mut magic = [0u8; 4];
+    kernel.read_exact(&mut magic).map_err(read_kernel)?;
+    kernel.seek(SeekFrom::Start(0)).map_err(read_kernel)?;
+    let load_error = |e: linux_loader::loader::Error| BootError::LoadKernel {
+        path: images.kernel.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let is_elf = magic == *b"\x7fELF";
+    let loaded = if is_elf {
+        Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_error)?
+    } else {
+        BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+            .map_err(load_error)?
+    };
+
+    let cmdline = images.cmdline.as_bytes();
+    if cmdline.contains(&0) {
+        return Err(BootError::CmdlineNul);
+    }
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len() + 1,
+            max: CMDLINE_MAX_SIZE,
+        });
+    }
+    let mut cmdline_nul = cmdline.to_vec();
+    cmdline_nul.push(0);
+    write_bytes(mem, "kernel command line", CMDLINE_START, &cmdline_nul)?;
+
+    let kernel_end = loaded.kernel_load.0.saturating_add(loaded.kernel_end);
+    let initrd_limit = loaded
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|max| *max > 0)
+        .map_or(layout::low_ram_end(mem_size_bytes), |max| {
+            layout::low_ram_end(mem_size_bytes).min(max + 1)
+        });
+    let initrd = match images.initrd {
+        Some(path) => Some(load_initrd(
+            mem,
+            path,
+            kernel_end.max(loaded.kernel_end),
+            initrd_limit,
+        )?),
+        None => None,
+    };
+
+    let map = layout::memory_map(mem_size_bytes);
+    write_u64s(mem, "gdt", GDT_START, &gdt::boot_gdt(true))?;
+    write_bytes(mem, "idt", IDT_START, &[0u8; 8])?;
+    let tables = paging::identity_tables();
+    write_u64s(mem, "pml4", PML4_START, &tables.pml4)?;
+    write_u64s(mem, "pdpt", PDPTE_START, &tables.pdpt)?;
+    write_u64s(mem, "page directory", PDE_START, &tables.pd)?;
+    write_bytes(
+        mem,
+        "mp table",
+        mptable::MPTABLE_START,
+        &mptable::build(vcpu_count)?,
+    )?;
+
+    match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) if is_elf => {
+            // The PVH GDT has a 32-bit code segment in the code slot.
+            write_u64s(mem, "gdt", GDT_START, &gdt::boot_gdt(false))?;
+            write_pvh_info(mem, &map, initrd)?;
+            Ok(EntryPoint::Pvh { entry: entry.0 })
+        }
+        _ => {
+            let entry = if is_elf {
+                loaded.kernel_load.0
+            } else {
+                loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET
+            };
+            write_boot_params(mem, &map, loaded.setup_header, cmdline_nul.len(), initrd)?;
+            Ok(EntryPoint::Linux64 { entry })
+        }
+    }
+}
+
+/// Places the initrd page-aligned at the top of low memory; returns its (address, size).
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<(u64, u64), BootError> {
+    let read_error = |source| BootError::ReadInitrd {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_error)?;
+    let size = file.metadata().map_err(read_error)?.len();
+    let too_large = || BootError::InitrdTooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit,
+    };
+    let addr = limit.checked_sub(size).ok_or_else(too_large)? & !(PAGE_SIZE - 1);
+    if addr < kernel_end {
+        return Err(too_large());
+    }
+    let len = usize::try_from(size).map_err(|_| too_large())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|_| BootError::WriteGuestMemory {
+            what: "initrd",
+            gpa: addr,
+        })?;
+    Ok((addr, size))
+}
+
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    map: &[MemoryMapEntry],
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
+    if map.len() > PVH_MEMMAP_MAX_ENTRIES {
+        return Err(BootError::MemoryMapTooLong {
+            entries: map.len(),
+            max: PVH_MEMMAP_MAX_ENTRIES,
+        });
+    }
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: u32::try_from(map.len()).unwrap_or(0),
+        ..Default::default()
+    };
+    if let Some((paddr, size)) = initrd {
+        let module = hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
+        mem.write_obj(module, GuestAddress(PVH_MODLIST_START))
+            .map_err(|_| BootError::WriteGuestMemory {
+                what: "pvh module list",
+                gpa: PVH_MODLIST_START,
+            })?;
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_START;
+    }
+    for (i, e) in map.iter().enumerate() {
+        let gpa = PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        let entry = hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        };
+        mem.write_obj(entry, GuestAddress(gpa))
+            .map_err(|_| BootError::WriteGuestMemory {
+                what: "pvh memory map",
+                gpa,
+            })?;
+    }
+    mem.write_obj(info, GuestAddress(PVH_INFO_START))
+        .map_err(|_| BootError::WriteGuestMemory {
+            what: "pvh start info",
+            gpa: PVH_INFO_START,
+        })
+}
+
+fn write_boot_params(
+    mem: &GuestMemoryMmap,
+    map: &[MemoryMapEntry],
+    header: Option<linux_loader::loader::bootparam::setup_header>,
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(h) = header {
+        params.hdr = h;
+    } else {
+        params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        params.hdr.header = KERNEL_HDR_MAGIC;
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.cmd_line_ptr = u32::try_from(CMDLINE_START).unwrap_or(0);
+    params.hdr.cmdline_size = u32::try_from(cmdline_len).unwrap_or(0);
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = u32::try_from(addr).unwrap_or(0);
+        params.hdr.ramdisk_size = u32::try_from(size).unwrap_or(0);
+    }
+    if map.len() > params.e820_table.len() {
+        return Err(BootError::MemoryMapTooLong {
+            entries: map.len(),
+            max: params.e820_table.len(),
+        });
+    }
+    for (slot, e) in params.e820_table.iter_mut().zip(map) {
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
+    }
+    params.e820_entries = u8::try_from(map.len()).unwrap_or(0);
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+        .map_err(|_| BootError::WriteGuestMemory {
+            what: "boot_params",
+            gpa: ZERO_PAGE_START,
+        })
+}
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRs enabled, default memory type write-back.
+const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+
+/// The MSR values every vCPU starts with: syscall MSRs cleared, fast strings on, write-back as
+/// the default memory type. The TSC is left alone: the hypervisor starts the TSCs of one VM in
+/// step, and writing each vCPU's TSC from its own thread at slightly different times makes the
+/// guest find them unsynchronized.
+pub fn boot_msrs() -> Vec<MsrEntry> {
+    [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
+    ]
+    .into_iter()
+    .map(|(index, data)| MsrEntry { index, data })
+    .collect()
+}
+
+const CR0_PE: u64 = 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+/// RFLAGS bit 1 always reads as one.
+const RFLAGS_RESERVED: u64 = 0x2;
+
+/// The special registers for `entry`: flat segments from the boot GDT, and long mode with the
+/// identity tables for the 64-bit protocol.
+pub fn special_registers(entry: &EntryPoint) -> SpecialRegisters {
+    let long_mode = matches!(entry, EntryPoint::Linux64 { .. });
+    let [_, code, data, tss] = gdt::boot_gdt(long_mode);
+    let code = gdt::segment_from_entry(code, gdt::CODE_SELECTOR);
+    let data = gdt::segment_from_entry(data, gdt::DATA_SELECTOR);
+    let mut sregs = SpecialRegisters {
+        cs: code,
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: gdt::segment_from_entry(tss, gdt::TSS_SELECTOR),
+        ldt: gdt::segment_from_entry(0, 0),
+        gdt: DescriptorTable {
+            base: GDT_START,
+            limit: 4 * 8 - 1,
+        },
+        idt: DescriptorTable {
+            base: IDT_START,
+            limit: 7,
+        },
+        cr0: CR0_PE | CR0_ET,
+        cr3: 0,
+        cr4: 0,
+        efer: 0,
+    };
+    if long_mode {
+        sregs.cr0 |= CR0_PG;
+        sregs.cr3 = paging::cr3();
+        sregs.cr4 = CR4_PAE;
+        sregs.efer = EFER_LME | EFER_LMA;
+    }
+    sregs
+}
+
+/// The general registers for `entry`.
+pub fn general_registers(entry: &EntryPoint) -> GeneralRegisters {
+    match *entry {
+        EntryPoint::Pvh { entry } => GeneralRegisters {
+            rip: entry,
+            rbx: PVH_INFO_START,
+            rflags: RFLAGS_RESERVED,
+            ..Default::default()
+        },
+        EntryPoint::Linux64 { entry } => GeneralRegisters {
+            rip: entry,
+            rsp: BOOT_STACK_POINTER,
+            rbp: BOOT_STACK_POINTER,
+            rsi: ZERO_PAGE_START,
+            rflags: RFLAGS_RESERVED,
+            ..Default::default()
+        },
+    }
+}
+
+/// The complete first state of vCPU `index` of `count`. Application processors get the same
+/// registers, which KVM and real hardware ignore until the boot CPU sends them INIT/SIPI.
+pub fn vcpu_setup(
+    entry: &EntryPoint,
+    supported_cpuid: &[CpuidEntry],
+    index: u8,
+    count: u8,
+    tsc_khz: Option<u32>,
+) -> VcpuSetup {
+    VcpuSetup {
+        general: general_registers(entry),
+        special: special_registers(entry),
+        cpuid: cpuid::filter(supported_cpuid, index, count, tsc_khz),
+        msrs: boot_msrs(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_special_registers_pvh_is_flat_protected_mode_without_paging() {
+        let s = special_registers(&EntryPoint::Pvh { entry: 0x100_0000 });
+        assert_eq!(s.cr0 & CR0_PG, 0);
+        assert_eq!(s.cr0 & CR0_PE, CR0_PE);
+        assert_eq!((s.cr4, s.efer), (0, 0));
+        assert!(s.cs.db && !s.cs.l);
+        assert_eq!((s.cs.base, s.cs.limit), (0, 0xffff_ffff));
+        assert_eq!(s.tr.limit, 0x67);
+        let g = general_registers(&EntryPoint::Pvh { entry: 0x100_0000 });
+        assert_eq!((g.rip, g.rbx, g.rflags), (0x100_0000, PVH_INFO_START, 2));
+    }
+
+    #[test]
+    fn test_special_registers_linux64_enables_long_mode() {
+        let s = special_registers(&EntryPoint::Linux64 { entry: 0x100_0200 });
+        assert_eq!(s.cr0 & (CR0_PG | CR0_PE), CR0_PG | CR0_PE);
+        assert_eq!(s.cr3, PML4_START);
+        assert_eq!(s.cr4 & CR4_PAE, CR4_PAE);
+        assert_eq!(s.efer, EFER_LME | EFER_LMA);
+        assert!(s.cs.l && !s.cs.db);
+        let g = general_registers(&EntryPoint::Linux64 { entry: 0x100_0200 });
+        assert_eq!((g.rsi, g.rsp), (ZERO_PAGE_START, BOOT_STACK_POINTER));
+    }
+
+    #[test]
+    fn test_boot_msrs_enable_writeback_mtrr_default() {
+        let msrs = boot_msrs();
+        assert!(msrs.contains(&MsrEntry {
+            index: MSR_MTRR_DEF_TYPE,
+            data: 0x806
+        }));
+        assert!(msrs.contains(&MsrEntry {
+            index: MSR_IA32_MISC_ENABLE,
+            data: 1
+        }));
+    }
+
+    fn guest_memory(size: u64) -> GuestMemoryMmap {
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+            .into_iter()
+            .map(|(a, s)| (a, usize::try_from(s).unwrap()))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    #[test]
+    fn test_write_pvh_info_points_at_memmap_and_initrd() {
+        let mem = guest_memory(64 << 20);
+        let map = layout::memory_map(64 << 20);
+        write_pvh_info(&mem, &map, Some((0x300_0000, 0x1234))).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
+        assert_eq!(info.memmap_entries as usize, map.len());
+        assert_eq!(info.nr_modules, 1);
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x300_0000, 0x1234));
+        let second: hvm_memmap_table_entry =
+            mem.read_obj(GuestAddress(PVH_MEMMAP_START + 24)).unwrap();
+        assert_eq!((second.addr, second.type_), (HIMEM_START, layout::E820_RAM));
+    }
+
+    #[test]
+    fn test_write_boot_params_fills_e820_and_cmdline() {
+        let mem = guest_memory(64 << 20);
+        let map = layout::memory_map(64 << 20);
+        write_boot_params(&mem, &map, None, 10, None).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!(params.e820_entries as usize, map.len());
+        assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ params.hdr.cmd_line_ptr }, u32::try_from(CMDLINE_START).unwrap());
+        assert_eq!({ params.e820_table[1].addr }, HIMEM_START);
+    }
+
+    #[test]
+    fn test_load_initrd_places_it_page_aligned_below_limit() {
+        let mem = guest_memory(64 << 20);
+        let dir = std::env::temp_dir().join(format!("squib-initrd-{}", std::process::id()));
+        std::fs::write(&dir, vec![0x5au8; 5000]).unwrap();
+        let (addr, size) = load_initrd(&mem, &dir, 0x200_0000, 64 << 20).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(size, 5000);
+        assert_eq!(addr % PAGE_SIZE, 0);
+        assert!(addr + size <= 64 << 20);
+        let mut back = vec![0u8; 5000];
+        mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        assert!(back.iter().all(|b| *b == 0x5a));
+    }
+
+    #[test]
+    fn test_load_initrd_refuses_overlap_with_kernel() {
+        let mem = guest_memory(64 << 20);
+        let path = std::env::temp_dir().join(format!("squib-initrd-big-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let err = load_initrd(&mem, &path, (64 << 20) - 4096, 64 << 20).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(err, BootError::InitrdTooLarge { size: 8192, .. }));
+    }
+}

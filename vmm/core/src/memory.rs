@@ -1,0 +1,117 @@
+//! Guest memory: anonymous host mappings (`vm-memory` [`GuestMemoryMmap`]) registered with the
+//! hypervisor, one slot per region.
+
+use squib_hypervisor::{HypervisorError, Vm};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// A failure to create or register guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A region's size does not fit the host's address width.
+    #[error("guest memory region at {gpa:#x} of {size_bytes} bytes is too large for this host")]
+    RegionTooLarge {
+        /// Guest physical start.
+        gpa: u64,
+        /// Size in bytes.
+        size_bytes: u64,
+    },
+    /// The host refused the anonymous mapping.
+    #[error("cannot allocate {size_bytes} bytes of guest memory")]
+    Allocate {
+        /// Total size asked for.
+        size_bytes: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The hypervisor refused a region.
+    #[error("cannot map guest memory slot {slot} at {gpa:#x} ({size_bytes} bytes)")]
+    Map {
+        /// Memory slot.
+        slot: u32,
+        /// Guest physical start.
+        gpa: u64,
+        /// Size in bytes.
+        size_bytes: u64,
+        /// The backend's error.
+        #[source]
+        source: HypervisorError,
+    },
+    /// A region's host address could not be had.
+    #[error("guest memory region at {gpa:#x} has no host address")]
+    HostAddress {
+        /// Guest physical start.
+        gpa: u64,
+    },
+}
+
+/// Allocates guest memory for `regions` (guest physical start, size in bytes).
+///
+/// # Errors
+///
+/// [`MemoryError::RegionTooLarge`] or [`MemoryError::Allocate`].
+pub fn allocate(regions: &[(GuestAddress, u64)]) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges = regions
+        .iter()
+        .map(|(gpa, size)| {
+            usize::try_from(*size)
+                .map(|s| (*gpa, s))
+                .map_err(|_| MemoryError::RegionTooLarge {
+                    gpa: gpa.0,
+                    size_bytes: *size,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+        size_bytes: regions.iter().map(|(_, s)| *s).sum(),
+        source,
+    })
+}
+
+/// Registers every region of `memory` with `vm`, slot numbers from 0.
+///
+/// The caller keeps `memory` alive for as long as `vm` may run vCPUs (the microVM owns both
+/// and drops its vCPU threads first).
+///
+/// # Errors
+///
+/// [`MemoryError::Map`] naming the slot the hypervisor refused.
+pub fn map_into(vm: &dyn Vm, memory: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in (0u32..).zip(memory.iter()) {
+        let gpa = region.start_addr().0;
+        let size_bytes = region.len();
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::HostAddress { gpa })?;
+        // SAFETY: the mapping belongs to `memory`, which the microVM keeps until after every
+        // vCPU has stopped and the VM is dropped (see this function's contract).
+        unsafe { vm.map_memory(slot, gpa, host as u64, size_bytes, false) }.map_err(|source| {
+            MemoryError::Map {
+                slot,
+                gpa,
+                size_bytes,
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn test_allocate_creates_regions_at_their_addresses() {
+        let mem = allocate(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x100_0000), 0x1000),
+        ])
+        .unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x100_0ffc))
+            .unwrap();
+        assert!(mem.write_obj(1u32, GuestAddress(0x20_0000)).is_err());
+    }
+}

@@ -1,0 +1,647 @@
+//! vCPU threads: one thread per vCPU creates, configures and runs it (the hypervisor seam
+//! requires a vCPU to stay on its thread), dispatching MMIO and port I/O exits to the buses.
+//!
+//! [`VcpuControl`] is shared by the threads and the microVM: it says whether they run, park
+//! (pause) or end, counts parked threads so that a pause returns only once every vCPU is out
+//! of guest mode, and holds the kick handles that force a vCPU out of `run`. The first guest
+//! reset, power-off or fatal error stops all vCPUs and is reported once through a
+//! [`StopNotifier`].
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use squib_devices::Bus;
+use squib_devices::serial::PanicWatch;
+use squib_hypervisor::{HypervisorError, Vcpu, VcpuKicker, Vm, VmExit};
+use tracing::{debug, error, info, trace, warn};
+
+/// Why a microVM stopped on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmStopReason {
+    /// The guest rebooted (i8042 reset, triple fault or reset request).
+    GuestReset,
+    /// The guest powered off.
+    GuestShutdown,
+    /// The guest kernel panicked (its panic banner appeared on the console before it reset).
+    GuestPanic,
+    /// A vCPU failed or hit an exit squib cannot handle; the text says which and why.
+    Failed(String),
+}
+
+impl VmStopReason {
+    /// The process exit status a VMM should end with: 0 for a clean guest reboot or power-off,
+    /// 1 for a guest panic, 2 for a VMM-side failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::GuestReset | Self::GuestShutdown => 0,
+            Self::GuestPanic => 1,
+            Self::Failed(_) => 2,
+        }
+    }
+}
+
+/// Called once with the reason a microVM stopped.
+pub type StopCallback = Box<dyn FnOnce(VmStopReason) + Send>;
+
+/// Delivers the first [`VmStopReason`] to whoever owns the microVM.
+pub struct StopNotifier {
+    callback: Mutex<Option<StopCallback>>,
+}
+
+impl std::fmt::Debug for StopNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopNotifier").finish_non_exhaustive()
+    }
+}
+
+impl StopNotifier {
+    /// Calls `callback` (from a vCPU thread) on the first stop.
+    pub fn new(callback: StopCallback) -> Self {
+        Self {
+            callback: Mutex::new(Some(callback)),
+        }
+    }
+
+    /// Reports `reason` unless a stop was already reported.
+    pub fn notify(&self, reason: VmStopReason) {
+        if let Some(callback) = self.callback.lock().take() {
+            callback(reason);
+        }
+    }
+}
+
+/// A failure around the vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The thread could not be spawned.
+    #[error("cannot spawn the thread of vcpu {index}")]
+    Spawn {
+        /// vCPU index.
+        index: u8,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hypervisor refused to create or configure the vCPU.
+    #[error("cannot set up vcpu {index}")]
+    Setup {
+        /// vCPU index.
+        index: u8,
+        /// The backend's error.
+        #[source]
+        source: HypervisorError,
+    },
+    /// The thread ended before reporting whether its vCPU was ready.
+    #[error("the thread of vcpu {index} ended during setup")]
+    SetupAborted {
+        /// vCPU index.
+        index: u8,
+    },
+    /// Not every vCPU parked within the time allowed.
+    #[error("{parked} of {total} vcpus parked within {timeout:?}")]
+    PauseTimeout {
+        /// How many parked.
+        parked: usize,
+        /// How many run.
+        total: usize,
+        /// The wait.
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    run: RunState,
+    /// Threads waiting while paused.
+    parked: usize,
+    /// Threads whose loop has ended.
+    exited: usize,
+}
+
+/// Run/pause/stop state shared by the vCPU threads and their owner.
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
+}
+
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl")
+            .field("state", &*self.state.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VcpuControl {
+    /// New control; vCPUs start parked until [`VcpuControl::resume`].
+    pub fn new_paused() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(ControlState {
+                run: RunState::Paused,
+                parked: 0,
+                exited: 0,
+            }),
+            changed: Condvar::new(),
+            kickers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn add_kicker(&self, kicker: Arc<dyn VcpuKicker>) {
+        self.kickers.lock().push(kicker);
+    }
+
+    fn kick_all(&self) {
+        for kicker in self.kickers.lock().iter() {
+            kicker.kick();
+        }
+    }
+
+    /// Parks while paused; returns `false` when the thread should end.
+    fn wait_runnable(&self) -> bool {
+        let mut state = self.state.lock();
+        loop {
+            match state.run {
+                RunState::Running => return true,
+                RunState::Stopping => return false,
+                RunState::Paused => {
+                    state.parked += 1;
+                    self.changed.notify_all();
+                    self.changed.wait(&mut state);
+                    state.parked -= 1;
+                }
+            }
+        }
+    }
+
+    fn mark_exited(&self) {
+        self.state.lock().exited += 1;
+        self.changed.notify_all();
+    }
+
+    /// Stops every vCPU at its next exit; parked ones wake and end.
+    pub fn stop(&self) {
+        self.state.lock().run = RunState::Stopping;
+        self.changed.notify_all();
+        self.kick_all();
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.state.lock().run == RunState::Stopping
+    }
+
+    /// Takes every vCPU out of guest mode and waits until all `total` have parked (or ended).
+    ///
+    /// # Errors
+    ///
+    /// [`VcpuError::PauseTimeout`] when some vCPU did not park within `timeout`; the vCPUs
+    /// that did stay parked.
+    pub fn pause(&self, total: usize, timeout: Duration) -> Result<(), VcpuError> {
+        {
+            let mut state = self.state.lock();
+            if state.run == RunState::Stopping {
+                return Ok(());
+            }
+            state.run = RunState::Paused;
+        }
+        self.kick_all();
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock();
+        while state.parked + state.exited < total {
+            if self.changed.wait_until(&mut state, deadline).timed_out() {
+                return Err(VcpuError::PauseTimeout {
+                    parked: state.parked,
+                    total,
+                    timeout,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut state = self.state.lock();
+        if state.run == RunState::Paused {
+            state.run = RunState::Running;
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// What a vCPU thread needs besides its vCPU.
+#[derive(Clone)]
+pub struct VcpuContext {
+    /// Devices reached through MMIO.
+    pub mmio_bus: Arc<Bus>,
+    /// Devices reached through port I/O (x86_64).
+    pub io_bus: Arc<Bus>,
+    /// Shared run state.
+    pub control: Arc<VcpuControl>,
+    /// Where the first stop is reported.
+    pub stop: Arc<StopNotifier>,
+    /// Tells a guest panic from a plain reboot.
+    pub panic_watch: PanicWatch,
+}
+
+impl std::fmt::Debug for VcpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuContext").finish_non_exhaustive()
+    }
+}
+
+/// Configures a freshly created vCPU on its own thread.
+pub type VcpuConfigure = Box<dyn FnOnce(&mut dyn Vcpu) -> Result<(), HypervisorError> + Send>;
+
+/// Spawns the thread of vCPU `index` of `count`, which creates and configures the vCPU, then
+/// parks until the control says run. Returns once the vCPU exists and is configured.
+///
+/// # Errors
+///
+/// [`VcpuError`] when the thread or the vCPU cannot be set up; the thread has ended then.
+pub fn spawn(
+    vm: Arc<dyn Vm>,
+    index: u8,
+    count: u8,
+    configure: VcpuConfigure,
+    ctx: VcpuContext,
+) -> Result<JoinHandle<()>, VcpuError> {
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), HypervisorError>>();
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            let created = vm
+                .create_vcpu(u32::from(index), u32::from(count))
+                .and_then(|mut vcpu| configure(vcpu.as_mut()).map(|()| vcpu));
+            let mut vcpu = match created {
+                Ok(vcpu) => vcpu,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            ctx.control.add_kicker(vcpu.kicker());
+            if ready_tx.send(Ok(())).is_err() {
+                return;
+            }
+            let span = tracing::info_span!("vcpu", vcpu = index);
+            let _guard = span.enter();
+            run_loop(vcpu.as_mut(), &ctx);
+            ctx.control.mark_exited();
+            // The vCPU is dropped here, on its own thread.
+        })
+        .map_err(|source| VcpuError::Spawn { index, source })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(source)) => {
+            let _ = handle.join();
+            Err(VcpuError::Setup { index, source })
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(VcpuError::SetupAborted { index })
+        }
+    }
+}
+
+fn run_loop(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
+    while ctx.control.wait_runnable() {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) => {
+                error!(error = %e, "vcpu failed");
+                finish(ctx, VmStopReason::Failed(e.to_string()));
+                return;
+            }
+        };
+        match exit {
+            VmExit::MmioRead { addr, data } => {
+                if !ctx.mmio_bus.read(addr, data) {
+                    trace!(
+                        gpa = addr,
+                        len = data.len(),
+                        "mmio read of unclaimed address"
+                    );
+                }
+            }
+            VmExit::MmioWrite { addr, data } => {
+                if !ctx.mmio_bus.write(addr, data) {
+                    trace!(
+                        gpa = addr,
+                        len = data.len(),
+                        "mmio write to unclaimed address"
+                    );
+                }
+            }
+            VmExit::IoIn { port, data } => {
+                if !ctx.io_bus.read(u64::from(port), data) {
+                    // Unclaimed ports read as all ones, like an ISA bus with nothing on it.
+                    data.fill(0xff);
+                }
+            }
+            VmExit::IoOut { port, data } => {
+                ctx.io_bus.write(u64::from(port), data);
+            }
+            VmExit::Interrupted => {}
+            VmExit::Reset => {
+                let reason = if ctx.panic_watch.panicked() {
+                    VmStopReason::GuestPanic
+                } else {
+                    VmStopReason::GuestReset
+                };
+                info!(?reason, "guest reset");
+                finish(ctx, reason);
+                return;
+            }
+            VmExit::Shutdown => {
+                info!("guest powered off");
+                finish(ctx, VmStopReason::GuestShutdown);
+                return;
+            }
+            VmExit::Unhandled { reason, detail } => {
+                error!(reason, %detail, "unhandled vcpu exit");
+                finish(
+                    ctx,
+                    VmStopReason::Failed(format!("unhandled exit {reason:#x}: {detail}")),
+                );
+                return;
+            }
+        }
+    }
+    debug!("vcpu stopped");
+}
+
+fn finish(ctx: &VcpuContext, reason: VmStopReason) {
+    ctx.control.stop();
+    if let VmStopReason::Failed(detail) = &reason {
+        warn!(%detail, "stopping the microVM");
+    }
+    ctx.stop.notify(reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A scripted vCPU: replays exits, then reports resets.
+    struct FakeVcpu {
+        script: VecDeque<FakeExit>,
+        buf: [u8; 8],
+        kicks: Arc<AtomicUsize>,
+    }
+
+    #[derive(Clone)]
+    enum FakeExit {
+        IoOut(u16, u8),
+        IoIn(u16),
+        Interrupted,
+        Reset,
+        Shutdown,
+    }
+
+    struct FakeKicker(Arc<AtomicUsize>);
+    impl VcpuKicker for FakeKicker {
+        fn kick(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
+            Ok(
+                match self.script.pop_front().unwrap_or(FakeExit::Interrupted) {
+                    FakeExit::IoOut(port, v) => {
+                        self.buf[0] = v;
+                        VmExit::IoOut {
+                            port,
+                            data: &self.buf[..1],
+                        }
+                    }
+                    FakeExit::IoIn(port) => VmExit::IoIn {
+                        port,
+                        data: &mut self.buf[..1],
+                    },
+                    FakeExit::Interrupted => {
+                        std::thread::sleep(Duration::from_millis(1));
+                        VmExit::Interrupted
+                    }
+                    FakeExit::Reset => VmExit::Reset,
+                    FakeExit::Shutdown => VmExit::Shutdown,
+                },
+            )
+        }
+        fn kicker(&self) -> Arc<dyn VcpuKicker> {
+            Arc::new(FakeKicker(self.kicks.clone()))
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn configure_x86_64(
+            &mut self,
+            _setup: &squib_hypervisor::x86_64::VcpuSetup,
+        ) -> Result<(), HypervisorError> {
+            Ok(())
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn tsc_khz(&self) -> Result<Option<u32>, HypervisorError> {
+            Ok(None)
+        }
+    }
+
+    struct FakeVm {
+        scripts: Mutex<Vec<VecDeque<FakeExit>>>,
+        kicks: Arc<AtomicUsize>,
+    }
+
+    impl Vm for FakeVm {
+        unsafe fn map_memory(
+            &self,
+            _slot: u32,
+            _gpa: u64,
+            _host_addr: u64,
+            _len: u64,
+            _read_only: bool,
+        ) -> Result<(), HypervisorError> {
+            Ok(())
+        }
+        fn create_vcpu(&self, _index: u32, _count: u32) -> Result<Box<dyn Vcpu>, HypervisorError> {
+            let script = self.scripts.lock().pop().unwrap_or_default();
+            Ok(Box::new(FakeVcpu {
+                script,
+                buf: [0; 8],
+                kicks: self.kicks.clone(),
+            }))
+        }
+        fn interrupt_line(
+            &self,
+            gsi: u32,
+        ) -> Result<Arc<dyn squib_devices::InterruptLine>, HypervisorError> {
+            Err(HypervisorError::OutOfRange {
+                field: "gsi",
+                value: u64::from(gsi),
+            })
+        }
+        #[cfg(target_arch = "x86_64")]
+        fn supported_cpuid(
+            &self,
+        ) -> Result<Vec<squib_hypervisor::x86_64::CpuidEntry>, HypervisorError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[derive(Default)]
+    struct Port {
+        written: Vec<u8>,
+    }
+    impl squib_devices::BusDevice for Port {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x42);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.written.extend_from_slice(data);
+        }
+    }
+
+    fn context(io_bus: Bus) -> (VcpuContext, mpsc::Receiver<VmStopReason>) {
+        let (tx, rx) = mpsc::channel();
+        let ctx = VcpuContext {
+            mmio_bus: Arc::new(Bus::new()),
+            io_bus: Arc::new(io_bus),
+            control: VcpuControl::new_paused(),
+            stop: Arc::new(StopNotifier::new(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))),
+            panic_watch: PanicWatch::new(),
+        };
+        (ctx, rx)
+    }
+
+    #[test]
+    fn test_vcpu_loop_dispatches_io_and_reports_reset() {
+        let port = Arc::new(Mutex::new(Port::default()));
+        let mut bus = Bus::new();
+        bus.insert(0x3f8, 8, port.clone()).unwrap();
+        let (ctx, rx) = context(bus);
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
+            scripts: Mutex::new(vec![VecDeque::from(vec![
+                FakeExit::IoOut(0x3f8, b'h'),
+                FakeExit::IoIn(0x3f9),
+                FakeExit::IoIn(0x80),
+                FakeExit::IoOut(0x3f8, b'i'),
+                FakeExit::Reset,
+            ])]),
+            kicks: Arc::new(AtomicUsize::new(0)),
+        });
+        let handle = spawn(vm, 0, 1, Box::new(|_| Ok(())), ctx.clone()).unwrap();
+        ctx.control.resume();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            VmStopReason::GuestReset
+        );
+        handle.join().unwrap();
+        assert_eq!(port.lock().written, b"hi");
+        assert!(ctx.control.is_stopping());
+    }
+
+    #[test]
+    fn test_vcpu_reset_after_panic_banner_reports_panic() {
+        let (ctx, rx) = context(Bus::new());
+        let watch = ctx.panic_watch.clone();
+        let mut sink = squib_devices::serial::ConsoleSink::new(Box::new(std::io::sink()), watch);
+        std::io::Write::write_all(&mut sink, b"Kernel panic - not syncing: test\n").unwrap();
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
+            scripts: Mutex::new(vec![VecDeque::from(vec![FakeExit::Reset])]),
+            kicks: Arc::new(AtomicUsize::new(0)),
+        });
+        let handle = spawn(vm, 0, 1, Box::new(|_| Ok(())), ctx.clone()).unwrap();
+        ctx.control.resume();
+        let reason = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(reason, VmStopReason::GuestPanic);
+        assert_eq!(reason.exit_code(), 1);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn test_vcpu_pause_parks_every_vcpu_and_resume_continues() {
+        let (ctx, rx) = context(Bus::new());
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
+            scripts: Mutex::new(vec![VecDeque::new(), VecDeque::new()]),
+            kicks: kicks.clone(),
+        });
+        let handles: Vec<_> = (0..2)
+            .map(|i| spawn(vm.clone(), i, 2, Box::new(|_| Ok(())), ctx.clone()).unwrap())
+            .collect();
+        ctx.control.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        ctx.control.pause(2, Duration::from_secs(5)).unwrap();
+        assert_eq!(ctx.control.state.lock().parked, 2);
+        assert!(kicks.load(Ordering::SeqCst) >= 2);
+        ctx.control.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(ctx.control.state.lock().parked, 0);
+        ctx.control.stop();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!(
+            rx.try_recv().is_err(),
+            "an owner-requested stop is not a guest stop"
+        );
+    }
+
+    #[test]
+    fn test_vcpu_setup_failure_is_reported() {
+        let (ctx, _rx) = context(Bus::new());
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
+            scripts: Mutex::new(vec![]),
+            kicks: Arc::new(AtomicUsize::new(0)),
+        });
+        let err = spawn(
+            vm,
+            3,
+            4,
+            Box::new(|_| {
+                Err(HypervisorError::Call {
+                    operation: "set regs",
+                    code: 22,
+                })
+            }),
+            ctx,
+        )
+        .unwrap_err();
+        assert!(matches!(err, VcpuError::Setup { index: 3, .. }));
+    }
+
+    #[test]
+    fn test_vcpu_shutdown_reports_guest_shutdown() {
+        let (ctx, rx) = context(Bus::new());
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
+            scripts: Mutex::new(vec![VecDeque::from(vec![FakeExit::Shutdown])]),
+            kicks: Arc::new(AtomicUsize::new(0)),
+        });
+        let handle = spawn(vm, 0, 1, Box::new(|_| Ok(())), ctx.clone()).unwrap();
+        ctx.control.resume();
+        let reason = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(reason, VmStopReason::GuestShutdown);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn test_stop_reason_exit_codes() {
+        assert_eq!(VmStopReason::GuestReset.exit_code(), 0);
+        assert_eq!(VmStopReason::GuestShutdown.exit_code(), 0);
+        assert_eq!(VmStopReason::Failed("x".into()).exit_code(), 2);
+    }
+}

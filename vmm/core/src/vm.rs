@@ -1,0 +1,193 @@
+//! A running microVM and the [`VmBackend`] that builds one on the host's hypervisor.
+//!
+//! [`HypervisorBackend`] is the event loop's seam to real VMs: `start` probes the hypervisor
+//! (KVM on Linux) and calls [`builder::build`]; the [`MicroVm`] it returns pauses and resumes
+//! its vCPUs for the loop. When the guest ends the VM on its own (reboot, power-off, panic) or a
+//! vCPU fails, the [`VmStopReason`] arrives on the receiver [`HypervisorBackend::new`] returned;
+//! its owner ends the process with [`VmStopReason::exit_code`].
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use squib_devices::serial::SerialDevice;
+use squib_hypervisor::{Hypervisor, Vm};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tracing::{info, warn};
+use vm_memory::GuestMemoryMmap;
+
+use crate::action::BackendError;
+use crate::builder::{self, ConsoleTarget};
+use crate::config::VmConfig;
+use crate::event_loop::{RunningVm, VmBackend};
+use crate::vcpu::{VcpuControl, VmStopReason};
+
+/// How long a pause may take before it is reported as failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A booted microVM. Dropping it stops and joins every vCPU thread, then releases the VM and
+/// its memory in that order.
+pub struct MicroVm {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+    vcpu_count: usize,
+    serial: Arc<Mutex<SerialDevice>>,
+    // Declared after the threads: fields drop in order, so the VM and the memory mapped into
+    // it outlive every vCPU.
+    _vm: Arc<dyn Vm>,
+    _memory: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for MicroVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroVm")
+            .field("vcpu_count", &self.vcpu_count)
+            .field("control", &self.control)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MicroVm {
+    pub(crate) fn new(
+        vm: Arc<dyn Vm>,
+        memory: GuestMemoryMmap,
+        control: Arc<VcpuControl>,
+        serial: Arc<Mutex<SerialDevice>>,
+        vcpu_count: usize,
+    ) -> Self {
+        Self {
+            control,
+            threads: Vec::with_capacity(vcpu_count),
+            vcpu_count,
+            serial,
+            _vm: vm,
+            _memory: memory,
+        }
+    }
+
+    pub(crate) fn add_vcpu_thread(&mut self, handle: JoinHandle<()>) {
+        self.threads.push(handle);
+    }
+
+    /// Parks every vCPU outside guest mode.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::vcpu::VcpuError::PauseTimeout`] when a vCPU did not park in time.
+    pub fn pause(&self) -> Result<(), crate::vcpu::VcpuError> {
+        self.control.pause(self.vcpu_count, PAUSE_TIMEOUT)
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Stops the vCPUs and waits for their threads.
+    pub fn stop(&mut self) {
+        self.control.stop();
+        for handle in self.threads.drain(..) {
+            if handle.join().is_err() {
+                warn!("a vcpu thread panicked");
+            }
+        }
+        let _ = self.serial.lock().flush();
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl RunningVm for MicroVm {
+    fn backend_name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn pause(&mut self) -> Result<(), BackendError> {
+        MicroVm::pause(self).map_err(|e| BackendError::Failed {
+            operation: "pause the microVM",
+            detail: e.to_string(),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), BackendError> {
+        MicroVm::resume(self);
+        Ok(())
+    }
+}
+
+/// Builds microVMs on the host's hypervisor (probed at each start, so that a host without
+/// one still serves the API and answers `InstanceStart` with the reason).
+pub struct HypervisorBackend {
+    console: ConsoleTarget,
+    stops: UnboundedSender<VmStopReason>,
+    hypervisor: Option<Arc<dyn Hypervisor>>,
+}
+
+impl std::fmt::Debug for HypervisorBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HypervisorBackend")
+            .field("console", &self.console)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HypervisorBackend {
+    /// A backend whose guest console goes to `console` unless the configuration names a file
+    /// (`PUT /serial`). The receiver yields why a started microVM stopped on its own.
+    pub fn new(console: ConsoleTarget) -> (Self, UnboundedReceiver<VmStopReason>) {
+        let (stops, rx) = unbounded_channel();
+        (
+            Self {
+                console,
+                stops,
+                hypervisor: None,
+            },
+            rx,
+        )
+    }
+}
+
+impl VmBackend for HypervisorBackend {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn start(&mut self, config: &VmConfig) -> Result<Box<dyn RunningVm>, BackendError> {
+        let hypervisor = match &self.hypervisor {
+            Some(h) => h.clone(),
+            None => {
+                let h = squib_hypervisor::probe().map_err(|e| BackendError::Failed {
+                    operation: "open the hypervisor",
+                    detail: e.to_string(),
+                })?;
+                self.hypervisor = Some(h.clone());
+                h
+            }
+        };
+        let stops = self.stops.clone();
+        let on_stop = Box::new(move |reason: VmStopReason| {
+            info!(?reason, "microVM stopped");
+            let _ = stops.send(reason);
+        });
+        let vm =
+            builder::build(hypervisor.as_ref(), config, &self.console, on_stop).map_err(|e| {
+                let mut detail = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    detail.push_str(": ");
+                    detail.push_str(&s.to_string());
+                    source = s.source();
+                }
+                BackendError::Failed {
+                    operation: "start the microVM",
+                    detail,
+                }
+            })?;
+        Ok(Box::new(vm))
+    }
+}
