@@ -476,6 +476,7 @@ pub(crate) fn load_u16(mem: &GuestMemoryMmap, gpa: GuestAddress) -> Option<u16> 
 }
 
 #[cfg(test)]
+#[expect(clippy::cast_possible_truncation, reason = "test values are small")]
 mod tests {
     use super::*;
     use crate::virtio::testing::{MockQueue, test_memory};
@@ -623,5 +624,36 @@ mod tests {
         let mut out = [0u8; 3];
         assert_eq!(segs.read_bytes(&mem, 6, &mut out), 2);
         assert_eq!(&out[..2], b"fg");
+    }
+
+    #[test]
+    fn test_walk_chain_never_panics_on_random_tables() {
+        use crate::virtio::testing::{MEM_SIZE, XorShift};
+        let mem = test_memory();
+        let q = MockQueue::new(&mem, 64);
+        let mut rng = XorShift(0x0dd_ba11_cafe_f00d);
+        for _ in 0..2_000 {
+            for i in 0..64u16 {
+                let addr = match rng.below(4) {
+                    0 => rng.next(),
+                    _ => rng.below(MEM_SIZE),
+                };
+                let len = match rng.below(4) {
+                    0 => rng.next() as u32,
+                    _ => rng.below(0x2000) as u32,
+                };
+                let flags = rng.below(8) as u16;
+                let next = rng.below(80) as u16;
+                q.write_desc(i, addr, len, flags, next);
+            }
+            let head = rng.below(70) as u16;
+            let max = rng.below(70) as u32;
+            if let Ok(chain) = walk_chain(&mem, q.desc_table(), 64, head, max) {
+                for seg in chain.readable.segs.iter().chain(&chain.writable.segs) {
+                    assert!(mem.check_range(seg.gpa, seg.len as usize));
+                }
+                assert!(chain.readable.segs.len() + chain.writable.segs.len() <= max as usize);
+            }
+        }
     }
 }

@@ -876,4 +876,61 @@ mod tests {
         assert_eq!(b, [0; 4]);
         assert_eq!(rd(&mut t, 0x0f0), 0);
     }
+
+    #[test]
+    fn test_mmio_survives_random_register_traffic() {
+        use crate::virtio::testing::XorShift;
+        let line = Arc::new(CountingLine::default());
+        let mut t =
+            MmioTransport::new(Box::new(crate::virtio::Rng::new()), test_memory(), line).unwrap();
+        let mut rng = XorShift(0x5eed_1234_abcd_0001);
+        let offsets = [
+            reg::DEVICE_FEATURES_SEL,
+            reg::DRIVER_FEATURES,
+            reg::DRIVER_FEATURES_SEL,
+            reg::QUEUE_SEL,
+            reg::QUEUE_NUM,
+            reg::QUEUE_READY,
+            reg::QUEUE_NOTIFY,
+            reg::INTERRUPT_ACK,
+            reg::STATUS,
+            reg::QUEUE_DESC_LOW,
+            reg::QUEUE_DESC_HIGH,
+            reg::QUEUE_DRIVER_LOW,
+            reg::QUEUE_DRIVER_HIGH,
+            reg::QUEUE_DEVICE_LOW,
+            reg::QUEUE_DEVICE_HIGH,
+        ];
+        let statuses = [0, 1, 3, 0xb, 0xf, 0x80, 0x4f];
+        for _ in 0..50_000 {
+            let off = match rng.below(4) {
+                0 => rng.below(0x1000),
+                _ => offsets[rng.below(offsets.len() as u64) as usize],
+            };
+            let v = match (off, rng.below(3)) {
+                (reg::STATUS, 0 | 1) => statuses[rng.below(statuses.len() as u64) as usize],
+                (reg::QUEUE_NUM, 0) => 1 << rng.below(10),
+                (reg::QUEUE_DESC_LOW | reg::QUEUE_DRIVER_LOW | reg::QUEUE_DEVICE_LOW, 0) => {
+                    (rng.below(MEM_SIZE_PAGES) << 12) as u32
+                }
+                (reg::QUEUE_DESC_HIGH | reg::QUEUE_DRIVER_HIGH | reg::QUEUE_DEVICE_HIGH, 0) => 0,
+                (reg::DRIVER_FEATURES, 0) => 1,
+                _ => rng.next() as u32,
+            };
+            let len = [1usize, 2, 4, 8][rng.below(4) as usize];
+            let bytes = u64::from(v).to_le_bytes();
+            if rng.below(2) == 0 {
+                t.write(off, &bytes[..len]);
+            } else {
+                let mut b = [0u8; 8];
+                t.read(off, &mut b[..len]);
+            }
+        }
+        wr(&mut t, reg::STATUS, 0);
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        assert!(!t.is_activated());
+        assert_eq!(rd(&mut t, reg::MAGIC), MAGIC);
+    }
+
+    const MEM_SIZE_PAGES: u64 = crate::virtio::testing::MEM_SIZE >> 12;
 }

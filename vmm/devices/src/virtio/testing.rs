@@ -202,3 +202,21 @@ pub fn activate_context(
     };
     (ctx, events, line, irq)
 }
+
+/// A small deterministic xorshift generator for randomized hostile-input tests.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
