@@ -18,6 +18,11 @@ pub mod kvm;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
+// aarch64 boot state and the Hypervisor.framework backend: compiled on every host, so that the
+// HVF backend and its pure exit decoding are type-checked and unit-tested on Linux too.
+pub mod aarch64;
+pub mod hvf;
+
 /// Why a vCPU stopped running guest code.
 ///
 /// Data buffers borrow from the vCPU: for reads the caller fills `data`, and the backend hands
@@ -103,6 +108,21 @@ pub trait Vcpu {
     /// [`HypervisorError::Call`] when the backend offers the query but it fails.
     #[cfg(target_arch = "x86_64")]
     fn tsc_khz(&self) -> Result<Option<u32>, HypervisorError>;
+
+    /// aarch64: makes this vCPU the boot CPU, starting the kernel at `setup.entry` with the
+    /// device tree's address in X0 (arm64 boot protocol). Every other vCPU stays powered off
+    /// inside [`Vcpu::run`] until the guest starts it with PSCI CPU_ON.
+    ///
+    /// # Errors
+    ///
+    /// [`HypervisorError::Unsupported`] from backends without aarch64 vCPUs;
+    /// [`HypervisorError::Call`] when the backend refuses a register.
+    fn configure_aarch64(&mut self, setup: &aarch64::VcpuSetup) -> Result<(), HypervisorError> {
+        let _ = setup;
+        Err(HypervisorError::Unsupported {
+            capability: "aarch64 vcpus",
+        })
+    }
 }
 
 /// A failure of the hypervisor backend. Raw codes are kept for diagnosis.
