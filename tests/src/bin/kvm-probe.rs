@@ -43,6 +43,12 @@ fn main() -> Result<()> {
                 source = s.source();
             }
             eprintln!("{msg}");
+            if matches!(err, squib_tests::probe::ProbeError::TooSlow { .. }) {
+                eprintln!(
+                    "kvm-probe: a hardware KVM finishes this loop in well under 100 ms; this one \
+                     emulates ordinary guests (e.g. a paravirtual KVM)"
+                );
+            }
             std::process::exit(1);
         }
     }
