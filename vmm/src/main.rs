@@ -162,9 +162,8 @@ async fn serve(args: Args) -> anyhow::Result<u8> {
     // the guest ends the microVM (reboot, power-off, panic), its reason arrives on `vm_stops`
     // and the process exits with the reason's status.
     #[cfg(target_arch = "x86_64")]
-    let (backend, mut vm_stops) = squib_core::vm::HypervisorBackend::new(
-        squib_core::builder::ConsoleTarget::Stdout,
-    );
+    let (backend, mut vm_stops) =
+        squib_core::vm::HypervisorBackend::new(squib_core::builder::ConsoleTarget::Stdout);
     // Known limitation: no hypervisor backend is linked in on this architecture yet, so
     // InstanceStart answers with a "no hypervisor backend" error.
     #[cfg(not(target_arch = "x86_64"))]

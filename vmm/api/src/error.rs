@@ -165,8 +165,9 @@ impl ApiResponse {
 
 /// The single mapping from errors to HTTP statuses: 404 and 405 for routing, 413 for an
 /// oversized body, 504 when the event loop did not answer in time, 503 when it is gone, 500
-/// for failures that are not the client's (no hypervisor backend, a backend failure, an
-/// unreadable host memory size), and 400 for everything else, as Firecracker does.
+/// when this build or host cannot serve the request at all (no hypervisor backend built in,
+/// unreadable host memory size), and 400 for everything else, including a failed boot (a
+/// missing kernel file is the usual cause), as Firecracker does.
 impl From<ApiError> for ApiResponse {
     fn from(err: ApiError) -> Self {
         let mut allow = None;
@@ -184,7 +185,7 @@ impl From<ApiError> for ApiResponse {
             }
             ApiError::Controller(ControllerError::HostMemory(_))
             | ApiError::Controller(ControllerError::Vmm(VmmActionError::Backend(
-                BackendError::NoHypervisor { .. } | BackendError::Failed { .. },
+                BackendError::NoHypervisor { .. },
             ))) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Controller(_) => StatusCode::BAD_REQUEST,
         };
@@ -240,6 +241,15 @@ mod tests {
                 BackendError::NoHypervisor { operation: "start" }
             ))),
             StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(ControllerError::Vmm(VmmActionError::Backend(
+                BackendError::Failed {
+                    operation: "start the microVM",
+                    detail: "cannot read kernel image /k".into(),
+                }
+            ))),
+            StatusCode::BAD_REQUEST
         );
         assert_eq!(
             status(ControllerError::Vmm(VmmActionError::SnapshotNotSupported {
