@@ -380,6 +380,7 @@ impl RuntimeApiController {
     /// # Errors
     /// A [`ControllerError`]: refused by phase, architecture or limits (nothing was sent),
     /// timed out, event loop gone, or refused by the event loop.
+    #[tracing::instrument(skip_all, fields(action = action.name()))]
     pub async fn dispatch(&self, action: ApiAction) -> Result<ActionOutcome, ControllerError> {
         let mut counts = self.admission.lock().await;
         let name = action.name();

@@ -82,6 +82,12 @@ pub enum RequestError {
         /// The refused text.
         value: String,
     },
+    /// Balloon statistics cannot be read now.
+    #[error("balloon statistics are unavailable: {reason}")]
+    BalloonStatsUnavailable {
+        /// Why.
+        reason: &'static str,
+    },
     /// A feature squib does not implement.
     #[error("{what} is not supported by squib-vmm")]
     Unsupported {

@@ -222,17 +222,17 @@ async fn route(
                 ),
             ))?;
             if balloon.stats_polling_interval_s() == 0 {
-                return Err(RequestError::Unsupported {
-                    what: "balloon statistics with stats_polling_interval_s 0 (they are off)",
+                return Err(RequestError::BalloonStatsUnavailable {
+                    reason: "they were not enabled (stats_polling_interval_s is 0)",
                 }
                 .into());
             }
-            let stats = snap
-                .balloon_stats
-                .as_ref()
-                .ok_or(RequestError::Unsupported {
-                    what: "balloon statistics before the guest reported any",
-                })?;
+            let stats =
+                snap.balloon_stats
+                    .as_ref()
+                    .ok_or(RequestError::BalloonStatsUnavailable {
+                        reason: "the guest has not reported any yet",
+                    })?;
             return Ok(ApiResponse::json(&RawBalloonStats::from(stats)));
         }
         (Route::Mmds, "GET") => {
@@ -741,6 +741,21 @@ mod tests {
                 .0,
             StatusCode::BAD_REQUEST
         );
+        call(
+            &c,
+            Method::PUT,
+            "/balloon",
+            json!({"amount_mib": 0, "deflate_on_oom": false}),
+        )
+        .await;
+        let (status, err) = call(&c, Method::GET, "/balloon/statistics", Value::Null).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(fault(&err).contains("not enabled"), "{err}");
+        let body = json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1});
+        call(&c, Method::PUT, "/balloon", body).await;
+        let (status, err) = call(&c, Method::GET, "/balloon/statistics", Value::Null).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(fault(&err).contains("not reported"), "{err}");
         let (_, version) = call(&c, Method::GET, "/version", Value::Null).await;
         assert!(version["firecracker_version"].is_string());
     }

@@ -218,6 +218,17 @@ impl EventLoop {
         self.publish();
     }
 
+    /// Pulls the running VM's latest balloon statistics into the snapshot and publishes it if
+    /// they changed. The loop's owner calls this periodically (at the balloon's polling
+    /// interval); reads of `/balloon/statistics` never reach the event loop.
+    pub fn refresh_balloon_stats(&mut self) {
+        let stats = self.vm.as_ref().and_then(|vm| vm.balloon_stats());
+        if stats.is_some() && stats != self.state.balloon_stats {
+            self.state.balloon_stats = stats;
+            self.publish();
+        }
+    }
+
     fn publish(&self) {
         self.publisher.publish(self.state.clone());
     }
@@ -693,6 +704,39 @@ mod tests {
         );
         let err = el.handle(ApiAction::PutMmds(json!([1]))).unwrap_err();
         assert_eq!(err, VmmActionError::MmdsNotAnObject);
+    }
+
+    struct StatsBackend;
+    struct StatsVm;
+    impl VmBackend for StatsBackend {
+        fn name(&self) -> &'static str {
+            "stats"
+        }
+        fn start(&mut self, _config: &VmConfig) -> Result<Box<dyn RunningVm>, BackendError> {
+            Ok(Box::new(StatsVm))
+        }
+    }
+    impl RunningVm for StatsVm {
+        fn backend_name(&self) -> &'static str {
+            "stats"
+        }
+        fn balloon_stats(&self) -> Option<BalloonStats> {
+            Some(BalloonStats {
+                target_mib: 4,
+                ..BalloonStats::default()
+            })
+        }
+    }
+
+    #[test]
+    fn test_event_loop_refresh_publishes_balloon_stats_of_running_vm() {
+        let (mut el, reader) = new_loop(Box::new(StatsBackend));
+        el.refresh_balloon_stats();
+        assert_eq!(reader.load().balloon_stats, None);
+        el.handle(boot_source()).unwrap();
+        el.handle(ApiAction::InstanceStart).unwrap();
+        el.refresh_balloon_stats();
+        assert_eq!(reader.load().balloon_stats.map(|s| s.target_mib), Some(4));
     }
 
     #[test]
