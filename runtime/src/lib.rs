@@ -3,6 +3,7 @@
 //! The library is shared by the `squib` CLI and the containerd shim.
 #![warn(missing_docs)]
 
+pub mod agent_client;
 pub mod plan;
 pub mod rootfs;
 pub mod state;
