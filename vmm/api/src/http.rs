@@ -729,6 +729,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn test_handle_survives_mutated_bodies_on_every_route() {
+        let c = controller();
+        let seeds: [(&str, Value); 6] = [
+            (
+                "/machine-config",
+                json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false}),
+            ),
+            (
+                "/drives/a",
+                json!({"drive_id": "a", "path_on_host": "/a", "is_root_device": true,
+                                "rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}),
+            ),
+            (
+                "/network-interfaces/e",
+                json!({"iface_id": "e", "host_dev_name": "t", "mtu": 1500}),
+            ),
+            ("/balloon", json!({"amount_mib": 1, "deflate_on_oom": true})),
+            ("/mmds", json!({"a": [1, {"b": null}]})),
+            (
+                "/snapshot/load",
+                json!({"snapshot_path": "/s", "mem_backend":
+                                      {"backend_type": "File", "backend_path": "/m"}}),
+            ),
+        ];
+        // A fixed linear congruential generator keeps the run reproducible.
+        let mut state: u64 = 0x5eed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            state >> 33
+        };
+        for (path, seed) in seeds {
+            let base = serde_json::to_vec(&seed).unwrap();
+            for _ in 0..200 {
+                let mut body = base.clone();
+                for _ in 0..=(next() % 4) {
+                    let at = usize::try_from(next()).unwrap() % body.len();
+                    body[at] = u8::try_from(next() % 256).unwrap();
+                }
+                for method in [Method::PUT, Method::PATCH] {
+                    let response = handle(&c, &method, path, &body).await;
+                    assert!(
+                        response.status.is_success() || response.status.is_client_error(),
+                        "{method} {path} {:?} -> {}",
+                        String::from_utf8_lossy(&body),
+                        response.status
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn test_balloon_reads_without_balloon_are_400() {
         let c = controller();
         assert_eq!(
