@@ -9,6 +9,7 @@
 
 pub mod bus;
 pub mod interrupt;
+pub mod pl011;
 pub mod serial;
 pub mod virtio;
 pub mod wake;
