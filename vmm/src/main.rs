@@ -37,8 +37,8 @@ struct Args {
     #[arg(long, value_name = "PATH", required_unless_present = "no_api")]
     api_sock: Option<PathBuf>,
 
-    /// Instance id reported by `GET /`.
-    #[arg(long, default_value = "anonymous-instance")]
+    /// Instance id reported by `GET /`: 1 to 64 characters of A-Z, a-z, 0-9, _ or -.
+    #[arg(long, default_value = "anonymous-instance", value_parser = parse_instance_id)]
     id: String,
 
     /// Log filter (`error`, `info`, `squib_api=debug`, ...); defaults to RUST_LOG, then `info`.
@@ -56,6 +56,12 @@ struct Args {
     /// Serve no API; needs --config-file.
     #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
     no_api: bool,
+}
+
+fn parse_instance_id(text: &str) -> Result<String, String> {
+    squib_core::config::DeviceId::new("--id", text.to_owned())
+        .map(|id| id.to_string())
+        .map_err(|err| err.to_string())
 }
 
 fn main() -> ExitCode {

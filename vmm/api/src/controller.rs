@@ -254,6 +254,15 @@ impl DeviceCounts {
         }
     }
 
+    /// Counts every device the published configuration holds. An action that succeeded after
+    /// its caller timed out was never recorded here, but its device is in the snapshot.
+    fn absorb(&mut self, config: &VmConfig) {
+        let published = Self::from_config(config);
+        self.drives.extend(published.drives);
+        self.network_interfaces.extend(published.network_interfaces);
+        self.pmem.extend(published.pmem);
+    }
+
     fn slot(&mut self, kind: DeviceKind) -> (&mut BTreeSet<DeviceId>, usize) {
         match kind {
             DeviceKind::Drive => (&mut self.drives, MAX_DRIVES),
@@ -386,6 +395,7 @@ impl RuntimeApiController {
         let name = action.name();
         self.check_admissible(&action)?;
         let snapshot = self.reader.load();
+        counts.absorb(&snapshot.vm_config);
         self.check_limits(&action, &snapshot.vm_config, snapshot.phase, &mut counts)?;
         let device = device_of(&action);
         if action == ApiAction::InstanceStart {
@@ -908,6 +918,32 @@ mod tests {
             c.dispatch(drive(&format!("d{i}"), false)).await.unwrap();
         }
         assert_eq!(c.snapshot().vm_config.drives.len(), MAX_DRIVES);
+    }
+
+    #[tokio::test]
+    async fn test_cap_counts_devices_applied_after_a_timeout() {
+        let (c, receiver, publisher) = manual_controller(options(4096));
+        drop(receiver);
+        // The event loop published eight drives whose dispatches the controller never saw
+        // succeed (they timed out on its side).
+        let mut next = (*publisher.current()).clone();
+        for i in 0..MAX_DRIVES {
+            if let ApiAction::PutDrive(d) = drive(&format!("late{i}"), false) {
+                next.vm_config.upsert_drive(d);
+            }
+        }
+        publisher.publish(next);
+        let err = c.dispatch(drive("one-more", false)).await.unwrap_err();
+        assert!(
+            matches!(err, ControllerError::TooManyDevices { .. }),
+            "{err}"
+        );
+        // Replacing one of them is still fine (and reaches the dropped loop).
+        let err = c.dispatch(drive("late0", false)).await.unwrap_err();
+        assert!(
+            matches!(err, ControllerError::EventLoopGone { .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]
