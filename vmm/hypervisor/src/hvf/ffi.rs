@@ -7,7 +7,9 @@
 //! are not declared in the extern block (a missing symbol would stop the binary from loading on
 //! older systems) but looked up at run time with `dlsym`, see [`GicFunctions`].
 //!
-//! Types and values follow Apple's `Hypervisor/hv_*.h` headers for arm64.
+//! Each framework function has a safe wrapper below its declaration block that checks the
+//! `hv_return_t` at once and keeps it in [`HvfError::Call`]. Types and values follow Apple's
+//! `Hypervisor/hv_*.h` headers for arm64.
 #![allow(non_camel_case_types)]
 
 use std::ffi::{CStr, c_void};
@@ -194,6 +196,249 @@ unsafe extern "C" {
     pub fn hv_vcpu_get_vtimer_offset(vcpu: hv_vcpu_t, offset: *mut u64) -> hv_return_t;
     /// Sets the virtual counter's offset.
     pub fn hv_vcpu_set_vtimer_offset(vcpu: hv_vcpu_t, offset: u64) -> hv_return_t;
+}
+
+/// Creates the process's VM with the framework's default configuration (36-bit IPA space).
+///
+/// # Errors
+///
+/// [`HvfError::Call`]: `HV_DENIED` without the hypervisor entitlement, `HV_BUSY` when the
+/// process has a VM already, `HV_NO_DEVICE` without hardware support.
+pub fn vm_create() -> Result<(), HvfError> {
+    // SAFETY: a null configuration selects the defaults; no pointer is kept.
+    check("hv_vm_create", unsafe {
+        hv_vm_create(std::ptr::null_mut())
+    })
+}
+
+/// Destroys the process's VM. Every vCPU must be destroyed first.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vm_destroy() -> Result<(), HvfError> {
+    // SAFETY: no arguments; the framework checks that a VM exists.
+    check("hv_vm_destroy", unsafe { hv_vm_destroy() })
+}
+
+/// Maps `size` bytes of host memory at `host_addr` to guest-physical `ipa`.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] for unaligned or overlapping ranges and other refusals.
+///
+/// # Safety
+///
+/// The host range must stay mapped, and not be reused for anything else, for as long as the
+/// guest mapping exists: the guest reads and writes it at any time.
+pub unsafe fn vm_map(
+    host_addr: *mut c_void,
+    ipa: hv_ipa_t,
+    size: usize,
+    flags: hv_memory_flags_t,
+) -> Result<(), HvfError> {
+    // SAFETY: the caller guarantees the host range outlives the mapping.
+    check("hv_vm_map", unsafe {
+        hv_vm_map(host_addr, ipa, size, flags)
+    })
+}
+
+/// Removes the guest mapping of `[ipa, ipa + size)`.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the range is not mapped or not aligned.
+pub fn vm_unmap(ipa: hv_ipa_t, size: usize) -> Result<(), HvfError> {
+    // SAFETY: plain values; the framework checks the range.
+    check("hv_vm_unmap", unsafe { hv_vm_unmap(ipa, size) })
+}
+
+/// Changes the guest's permissions on `[ipa, ipa + size)`.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the range is not mapped or not aligned.
+pub fn vm_protect(ipa: hv_ipa_t, size: usize, flags: hv_memory_flags_t) -> Result<(), HvfError> {
+    // SAFETY: plain values; the framework checks the range.
+    check("hv_vm_protect", unsafe { hv_vm_protect(ipa, size, flags) })
+}
+
+/// Creates a vCPU bound to the calling thread; returns its handle and its exit record, which
+/// the framework fills on every return from [`vcpu_run`] and keeps alive until [`vcpu_destroy`].
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses (too many vCPUs, one already on this thread).
+pub fn vcpu_create() -> Result<(hv_vcpu_t, *const hv_vcpu_exit_t), HvfError> {
+    let mut handle: hv_vcpu_t = 0;
+    let mut exit: *const hv_vcpu_exit_t = std::ptr::null();
+    // SAFETY: both out pointers are valid for the call; a null configuration selects defaults.
+    check("hv_vcpu_create", unsafe {
+        hv_vcpu_create(&mut handle, &mut exit, std::ptr::null_mut())
+    })?;
+    if exit.is_null() {
+        return Err(HvfError::Call {
+            operation: "hv_vcpu_create",
+            code: HV_ERROR,
+        });
+    }
+    Ok((handle, exit))
+}
+
+/// Destroys a vCPU; call on its own thread.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_destroy(vcpu: hv_vcpu_t) -> Result<(), HvfError> {
+    // SAFETY: plain value; the framework checks the handle and the thread.
+    check("hv_vcpu_destroy", unsafe { hv_vcpu_destroy(vcpu) })
+}
+
+/// Runs a vCPU until its next exit; call on its own thread.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_run(vcpu: hv_vcpu_t) -> Result<(), HvfError> {
+    // SAFETY: plain value; the framework checks the handle and the thread.
+    check("hv_vcpu_run", unsafe { hv_vcpu_run(vcpu) })
+}
+
+/// Forces the given vCPUs out of [`vcpu_run`]; any thread.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpus_exit(vcpus: &[hv_vcpu_t]) -> Result<(), HvfError> {
+    let count = u32::try_from(vcpus.len()).map_err(|_| HvfError::Call {
+        operation: "hv_vcpus_exit",
+        code: HV_BAD_ARGUMENT,
+    })?;
+    // SAFETY: the pointer and count describe the borrowed slice for the duration of the call.
+    check("hv_vcpus_exit", unsafe {
+        hv_vcpus_exit(vcpus.as_ptr(), count)
+    })
+}
+
+/// Reads a general-purpose or special register; call on the vCPU's thread.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_get_reg(vcpu: hv_vcpu_t, reg: hv_reg_t) -> Result<u64, HvfError> {
+    let mut value = 0;
+    // SAFETY: `value` is a valid out pointer for the duration of the call.
+    check("hv_vcpu_get_reg", unsafe {
+        hv_vcpu_get_reg(vcpu, reg, &mut value)
+    })?;
+    Ok(value)
+}
+
+/// Writes a general-purpose or special register; call on the vCPU's thread.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_set_reg(vcpu: hv_vcpu_t, reg: hv_reg_t, value: u64) -> Result<(), HvfError> {
+    // SAFETY: plain values.
+    check("hv_vcpu_set_reg", unsafe {
+        hv_vcpu_set_reg(vcpu, reg, value)
+    })
+}
+
+/// Reads a system register; call on the vCPU's thread.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_get_sys_reg(vcpu: hv_vcpu_t, reg: hv_sys_reg_t) -> Result<u64, HvfError> {
+    let mut value = 0;
+    // SAFETY: `value` is a valid out pointer for the duration of the call.
+    check("hv_vcpu_get_sys_reg", unsafe {
+        hv_vcpu_get_sys_reg(vcpu, reg, &mut value)
+    })?;
+    Ok(value)
+}
+
+/// Writes a system register; call on the vCPU's thread.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_set_sys_reg(vcpu: hv_vcpu_t, reg: hv_sys_reg_t, value: u64) -> Result<(), HvfError> {
+    // SAFETY: plain values.
+    check("hv_vcpu_set_sys_reg", unsafe {
+        hv_vcpu_set_sys_reg(vcpu, reg, value)
+    })
+}
+
+/// Asserts or clears the vCPU's IRQ or FIQ input directly (only without a framework GIC).
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_set_pending_interrupt(
+    vcpu: hv_vcpu_t,
+    kind: hv_interrupt_type_t,
+    pending: bool,
+) -> Result<(), HvfError> {
+    // SAFETY: plain values.
+    check("hv_vcpu_set_pending_interrupt", unsafe {
+        hv_vcpu_set_pending_interrupt(vcpu, kind, pending)
+    })
+}
+
+/// Whether the vCPU's virtual timer exits are masked.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_get_vtimer_mask(vcpu: hv_vcpu_t) -> Result<bool, HvfError> {
+    let mut masked = false;
+    // SAFETY: `masked` is a valid out pointer for the duration of the call.
+    check("hv_vcpu_get_vtimer_mask", unsafe {
+        hv_vcpu_get_vtimer_mask(vcpu, &mut masked)
+    })?;
+    Ok(masked)
+}
+
+/// Masks or unmasks the vCPU's virtual timer exits.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_set_vtimer_mask(vcpu: hv_vcpu_t, masked: bool) -> Result<(), HvfError> {
+    // SAFETY: plain values.
+    check("hv_vcpu_set_vtimer_mask", unsafe {
+        hv_vcpu_set_vtimer_mask(vcpu, masked)
+    })
+}
+
+/// The vCPU's virtual counter offset: CNTVCT = `mach_absolute_time()` − offset.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_get_vtimer_offset(vcpu: hv_vcpu_t) -> Result<u64, HvfError> {
+    let mut offset = 0;
+    // SAFETY: `offset` is a valid out pointer for the duration of the call.
+    check("hv_vcpu_get_vtimer_offset", unsafe {
+        hv_vcpu_get_vtimer_offset(vcpu, &mut offset)
+    })?;
+    Ok(offset)
+}
+
+/// Sets the vCPU's virtual counter offset.
+///
+/// # Errors
+///
+/// [`HvfError::Call`] when the framework refuses.
+pub fn vcpu_set_vtimer_offset(vcpu: hv_vcpu_t, offset: u64) -> Result<(), HvfError> {
+    // SAFETY: plain values.
+    check("hv_vcpu_set_vtimer_offset", unsafe {
+        hv_vcpu_set_vtimer_offset(vcpu, offset)
+    })
 }
 
 /// `hv_gic_config_create`.

@@ -119,10 +119,7 @@ impl RealVm {
         let slot = VmSlot::acquire(&PROCESS_VM)?;
         // Resolve the GIC before creating the VM, so an old macOS fails without side effects.
         let functions = ffi::GicFunctions::resolve()?;
-        // SAFETY: a null configuration selects the framework's defaults.
-        ffi::check("hv_vm_create", unsafe {
-            ffi::hv_vm_create(std::ptr::null_mut())
-        })?;
+        ffi::vm_create()?;
         let mut vm = Self {
             gic: functions,
             vtimer_intid: 0,
@@ -151,10 +148,8 @@ fn timebase() -> (u32, u32) {
 
 impl Drop for RealVm {
     fn drop(&mut self) {
-        // SAFETY: the VM was created by this process and every vCPU is gone (they hold an Arc
-        // of this VM).
-        let rc = unsafe { ffi::hv_vm_destroy() };
-        if let Err(error) = ffi::check("hv_vm_destroy", rc) {
+        // Every vCPU is gone first: each holds an Arc of this VM.
+        if let Err(error) = ffi::vm_destroy() {
             tracing::warn!(%error, "destroying the vm failed");
         }
     }
@@ -169,25 +164,13 @@ impl VmOps for RealVm {
             code: ffi::HV_BAD_ARGUMENT,
         })?;
         // SAFETY: the caller guarantees the host range stays mapped for the VM's lifetime.
-        ffi::check("hv_vm_map", unsafe {
-            ffi::hv_vm_map(host_addr as *mut std::ffi::c_void, gpa, size, flags)
-        })
+        unsafe { ffi::vm_map(host_addr as *mut std::ffi::c_void, gpa, size, flags) }
     }
 
     fn create_vcpu(&self) -> Result<RealVcpu, HvfError> {
-        let mut handle: ffi::hv_vcpu_t = 0;
-        let mut exit: *const hv_vcpu_exit_t = std::ptr::null();
-        // SAFETY: both out pointers are valid; a null configuration selects the defaults. The
-        // vCPU is bound to this thread, and RealVcpu is not Send, so it stays here.
-        ffi::check("hv_vcpu_create", unsafe {
-            ffi::hv_vcpu_create(&mut handle, &mut exit, std::ptr::null_mut())
-        })?;
-        if exit.is_null() {
-            return Err(HvfError::Call {
-                operation: "hv_vcpu_create",
-                code: ffi::HV_ERROR,
-            });
-        }
+        // The vCPU is bound to this thread; RealVcpu holds a raw pointer, so it is not Send and
+        // stays here.
+        let (handle, exit) = ffi::vcpu_create()?;
         Ok(RealVcpu {
             handle,
             exit,
@@ -197,8 +180,7 @@ impl VmOps for RealVm {
     }
 
     fn exit_vcpu(&self, handle: u64) -> Result<(), HvfError> {
-        // SAFETY: a pointer to one handle, with count 1; the framework checks the handle.
-        ffi::check("hv_vcpus_exit", unsafe { ffi::hv_vcpus_exit(&handle, 1) })
+        ffi::vcpus_exit(&[handle])
     }
 
     fn set_spi(&self, intid: u32, level: bool) -> Result<(), HvfError> {
@@ -228,9 +210,8 @@ pub(crate) struct RealVcpu {
 
 impl Drop for RealVcpu {
     fn drop(&mut self) {
-        // SAFETY: the handle came from hv_vcpu_create on this thread and is destroyed once.
-        let rc = unsafe { ffi::hv_vcpu_destroy(self.handle) };
-        if let Err(error) = ffi::check("hv_vcpu_destroy", rc) {
+        // The handle came from vcpu_create on this thread and is destroyed once.
+        if let Err(error) = ffi::vcpu_destroy(self.handle) {
             tracing::warn!(%error, "destroying a vcpu failed");
         }
     }
@@ -242,59 +223,34 @@ impl VcpuOps for RealVcpu {
     }
 
     fn run(&mut self) -> Result<hv_vcpu_exit_t, HvfError> {
-        // SAFETY: the vCPU belongs to this thread.
-        ffi::check("hv_vcpu_run", unsafe { ffi::hv_vcpu_run(self.handle) })?;
-        // SAFETY: the framework keeps the exit structure alive and writes it only during
-        // hv_vcpu_run on this thread, which has returned.
+        ffi::vcpu_run(self.handle)?;
+        // SAFETY: the framework keeps the exit record alive until the vCPU is destroyed and
+        // writes it only inside hv_vcpu_run on this thread, which has returned.
         Ok(unsafe { *self.exit })
     }
 
     fn reg(&self, reg: hv_reg_t) -> Result<u64, HvfError> {
-        let mut value = 0;
-        // SAFETY: valid out pointer; the vCPU belongs to this thread.
-        ffi::check("hv_vcpu_get_reg", unsafe {
-            ffi::hv_vcpu_get_reg(self.handle, reg, &mut value)
-        })?;
-        Ok(value)
+        ffi::vcpu_get_reg(self.handle, reg)
     }
 
     fn set_reg(&mut self, reg: hv_reg_t, value: u64) -> Result<(), HvfError> {
-        // SAFETY: plain values; the vCPU belongs to this thread.
-        ffi::check("hv_vcpu_set_reg", unsafe {
-            ffi::hv_vcpu_set_reg(self.handle, reg, value)
-        })
+        ffi::vcpu_set_reg(self.handle, reg, value)
     }
 
     fn sys_reg(&self, reg: hv_sys_reg_t) -> Result<u64, HvfError> {
-        let mut value = 0;
-        // SAFETY: valid out pointer; the vCPU belongs to this thread.
-        ffi::check("hv_vcpu_get_sys_reg", unsafe {
-            ffi::hv_vcpu_get_sys_reg(self.handle, reg, &mut value)
-        })?;
-        Ok(value)
+        ffi::vcpu_get_sys_reg(self.handle, reg)
     }
 
     fn set_sys_reg(&mut self, reg: hv_sys_reg_t, value: u64) -> Result<(), HvfError> {
-        // SAFETY: plain values; the vCPU belongs to this thread.
-        ffi::check("hv_vcpu_set_sys_reg", unsafe {
-            ffi::hv_vcpu_set_sys_reg(self.handle, reg, value)
-        })
+        ffi::vcpu_set_sys_reg(self.handle, reg, value)
     }
 
     fn set_vtimer_mask(&mut self, masked: bool) -> Result<(), HvfError> {
-        // SAFETY: plain values; the vCPU belongs to this thread.
-        ffi::check("hv_vcpu_set_vtimer_mask", unsafe {
-            ffi::hv_vcpu_set_vtimer_mask(self.handle, masked)
-        })
+        ffi::vcpu_set_vtimer_mask(self.handle, masked)
     }
 
     fn vtimer_offset(&self) -> Result<u64, HvfError> {
-        let mut value = 0;
-        // SAFETY: valid out pointer; the vCPU belongs to this thread.
-        ffi::check("hv_vcpu_get_vtimer_offset", unsafe {
-            ffi::hv_vcpu_get_vtimer_offset(self.handle, &mut value)
-        })?;
-        Ok(value)
+        ffi::vcpu_get_vtimer_offset(self.handle)
     }
 
     fn set_vtimer_pending(&mut self, pending: bool) -> Result<(), HvfError> {
