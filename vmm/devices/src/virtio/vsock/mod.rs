@@ -12,7 +12,7 @@
 //! Then bytes flow both ways under virtio-vsock credit flow control: the device advertises
 //! [`CONN_BUF_BYTES`] per connection, buffers guest data the host peer is too slow to take up to
 //! that much, and never sends the guest more than its advertised credit. Host sockets are
-//! non-blocking; the [`muxer`] worker waits on all of them with `poll(2)`.
+//! non-blocking; the `muxer` worker waits on all of them with `poll(2)`.
 
 mod muxer;
 pub mod packet;
