@@ -142,6 +142,9 @@ enum Never {}
 
 fn run(control: &OwnedFd) -> Result<Never, Failure> {
     close_other_fds();
+    // The agent learns that the workload's execve succeeded from end of file on this socket.
+    nix::fcntl::fcntl(control, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| Failure::errno("mark the control socket close-on-exec", e))?;
     let config = read_config()?;
     let p = &config.process;
     let mut pty_master = None;
@@ -701,12 +704,13 @@ fn switch_user(p: &ProcessSettings) -> Result<(), Failure> {
         let cap_err = |what: &str, e: caps::errors::CapsError| {
             Failure::new(format!("set {what} capabilities: {e}"))
         };
-        caps::set(None, CapSet::Inheritable, &to_set(&c.inheritable))
-            .map_err(|e| cap_err("inheritable", e))?;
-        caps::set(None, CapSet::Permitted, &to_set(&c.permitted))
-            .map_err(|e| cap_err("permitted", e))?;
+        // Effective must stay a subset of permitted at every step: shrink it first.
         caps::set(None, CapSet::Effective, &to_set(&c.effective))
             .map_err(|e| cap_err("effective", e))?;
+        caps::set(None, CapSet::Permitted, &to_set(&c.permitted))
+            .map_err(|e| cap_err("permitted", e))?;
+        caps::set(None, CapSet::Inheritable, &to_set(&c.inheritable))
+            .map_err(|e| cap_err("inheritable", e))?;
         for cap in to_set(&c.ambient) {
             caps::raise(None, CapSet::Ambient, cap).map_err(|e| cap_err("ambient", e))?;
         }

@@ -125,9 +125,21 @@ impl AgentClientError {
     }
 }
 
+/// A connected byte stream to a guest port, whatever the transport.
+pub trait GuestStream: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static> GuestStream for T {}
+
+type BoxStream = Box<dyn GuestStream>;
+
 /// How to reach the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEndpoint {
+    /// Kernel vsock (for example QEMU's vhost-vsock device): the guest's context id.
+    #[cfg(target_os = "linux")]
+    Vsock {
+        /// Guest CID.
+        cid: u32,
+    },
     /// The VM's hybrid vsock Unix socket (`CONNECT <port>` handshake).
     HybridVsock {
         /// The socket the VMM serves.
@@ -143,21 +155,32 @@ pub enum AgentEndpoint {
 }
 
 impl AgentEndpoint {
-    async fn dial(&self, port: u32) -> Result<UnixStream, AgentClientError> {
+    async fn dial(&self, port: u32) -> Result<BoxStream, AgentClientError> {
         match self {
-            Self::HybridVsock { uds_path } => hybrid_connect(uds_path, port).await,
+            #[cfg(target_os = "linux")]
+            Self::Vsock { cid } => {
+                let s = tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, port))
+                    .await
+                    .map_err(|source| AgentClientError::Connect {
+                        path: PathBuf::from(format!("vsock://{cid}:{port}")),
+                        source,
+                    })?;
+                Ok(Box::new(s))
+            }
+            Self::HybridVsock { uds_path } => Ok(Box::new(hybrid_connect(uds_path, port).await?)),
             Self::Unix { control, streams } => {
                 let path = if port == squib_agent_protocol::CONTROL_PORT {
                     control
                 } else {
                     streams
                 };
-                UnixStream::connect(path)
+                let s = UnixStream::connect(path)
                     .await
                     .map_err(|source| AgentClientError::Connect {
                         path: path.clone(),
                         source,
-                    })
+                    })?;
+                Ok(Box::new(s))
             }
         }
     }
@@ -414,7 +437,7 @@ impl AgentClient {
         within("ping", t, self.raw.ping(ctx(t), &agent::PingRequest::new())).await
     }
 
-    async fn open_stream(&self, id: &str) -> Result<UnixStream, AgentClientError> {
+    async fn open_stream(&self, id: &str) -> Result<BoxStream, AgentClientError> {
         let header = squib_agent_protocol::stream_header(id)?;
         let mut s = self.endpoint.dial(squib_agent_protocol::STREAM_PORT).await?;
         s.write_all(header.as_bytes())
@@ -433,7 +456,7 @@ impl AgentClient {
         container_id: &str,
         exec_id: &str,
         io: &StdioConfig,
-    ) -> Result<(agent::Stdio, Vec<(&'static str, UnixStream)>), AgentClientError> {
+    ) -> Result<(agent::Stdio, Vec<(&'static str, BoxStream)>), AgentClientError> {
         let nonce = STREAM_NONCE.fetch_add(1, Ordering::Relaxed);
         let base = format!(
             "{}.{}.{}-{nonce}",
@@ -475,7 +498,7 @@ impl AgentClient {
         container_id: &str,
         exec_id: &str,
         io: StdioConfig,
-        conns: Vec<(&'static str, UnixStream)>,
+        conns: Vec<(&'static str, BoxStream)>,
     ) -> ProcessIo {
         let StdioConfig {
             mut stdin,
@@ -488,7 +511,7 @@ impl AgentClient {
         let mut stdin_stop = None;
         let mut stdin_task = None;
         for (kind, conn) in conns {
-            let (rd, wr) = conn.into_split();
+            let (rd, wr) = tokio::io::split(conn);
             let input = match kind {
                 "stdin" | "terminal" => stdin.take(),
                 _ => None,
@@ -782,7 +805,7 @@ impl ProcessIo {
 
 async fn copy_stdin(
     mut src: Box<dyn AsyncRead + Send + Unpin>,
-    mut dst: tokio::net::unix::OwnedWriteHalf,
+    mut dst: tokio::io::WriteHalf<BoxStream>,
     mut stop: oneshot::Receiver<()>,
     counter: &AtomicU64,
 ) {
@@ -802,15 +825,14 @@ async fn copy_stdin(
         }
         counter.fetch_add(n as u64, Ordering::SeqCst);
     }
-    let _ = dst.flush().await;
-    // Dropping the write half shuts down the write direction: in-band end of file for a
-    // plain stdin stream.
-    drop(dst);
+    // Half-close: in-band end of file for a plain stdin stream (a terminal's input is ended
+    // by the CloseStdin call that follows).
+    let _ = dst.shutdown().await;
 }
 
 async fn copy_output(
     stream: &'static str,
-    mut src: tokio::net::unix::OwnedReadHalf,
+    mut src: tokio::io::ReadHalf<BoxStream>,
     mut dst: Box<dyn AsyncWrite + Send + Unpin>,
 ) -> Result<u64, AgentClientError> {
     let n = tokio::io::copy(&mut src, &mut dst)
