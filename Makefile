@@ -17,6 +17,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --target aarch64-apple-darwin -p squib-hypervisor -p squib-devices -p squib-core --all-targets -- -D warnings
+	$(CARGO) clippy --target aarch64-unknown-linux-gnu -p squib-hypervisor -p squib-devices -p squib-core --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items
 	@if git grep -nE '\b(TODO|FIXME|XXX)\b' -- '*.rs' 'Makefile' '*.sh'; then \
 		echo "lint: bare TODO/FIXME/XXX markers are not merged" >&2; exit 1; fi
