@@ -449,7 +449,8 @@ pub type HvGicConfigSetBase = unsafe extern "C" fn(hv_config_t, hv_ipa_t) -> hv_
 pub type HvGicCreate = unsafe extern "C" fn(hv_config_t) -> hv_return_t;
 /// `hv_gic_set_spi`.
 pub type HvGicSetSpi = unsafe extern "C" fn(u32, bool) -> hv_return_t;
-/// `hv_gic_get_distributor_size`, `hv_gic_get_redistributor_size`, and the alignments.
+/// `hv_gic_get_distributor_size`, `hv_gic_get_redistributor_size`, the region size and the
+/// alignments.
 pub type HvGicGetSize = unsafe extern "C" fn(*mut usize) -> hv_return_t;
 /// `hv_gic_get_intid`.
 pub type HvGicGetIntid = unsafe extern "C" fn(hv_gic_intid_t, *mut u32) -> hv_return_t;
@@ -474,6 +475,7 @@ pub struct GicFunctions {
     get_distributor_base_alignment: HvGicGetSize,
     get_redistributor_size: HvGicGetSize,
     get_redistributor_base_alignment: HvGicGetSize,
+    get_redistributor_region_size: HvGicGetSize,
     get_intid: HvGicGetIntid,
     get_redistributor_reg: HvGicGetRedistributorReg,
     set_redistributor_reg: HvGicSetRedistributorReg,
@@ -531,6 +533,10 @@ impl GicFunctions {
             get_redistributor_size: resolve!(c"hv_gic_get_redistributor_size", HvGicGetSize),
             get_redistributor_base_alignment: resolve!(
                 c"hv_gic_get_redistributor_base_alignment",
+                HvGicGetSize
+            ),
+            get_redistributor_region_size: resolve!(
+                c"hv_gic_get_redistributor_region_size",
                 HvGicGetSize
             ),
             get_intid: resolve!(c"hv_gic_get_intid", HvGicGetIntid),
@@ -604,17 +610,22 @@ impl GicFunctions {
         ))
     }
 
-    /// Per-vCPU redistributor size and required region base alignment, in bytes.
+    /// Per-vCPU redistributor size, required region base alignment, and the size of the whole
+    /// redistributor region (for the most vCPUs the framework supports), in bytes.
     ///
     /// # Errors
     ///
     /// [`HvfError::Call`] when the framework refuses.
-    pub fn redistributor_geometry(&self) -> Result<(u64, u64), HvfError> {
+    pub fn redistributor_geometry(&self) -> Result<(u64, u64, u64), HvfError> {
         Ok((
             self.size("hv_gic_get_redistributor_size", self.get_redistributor_size)?,
             self.size(
                 "hv_gic_get_redistributor_base_alignment",
                 self.get_redistributor_base_alignment,
+            )?,
+            self.size(
+                "hv_gic_get_redistributor_region_size",
+                self.get_redistributor_region_size,
             )?,
         ))
     }

@@ -135,6 +135,9 @@ impl From<HvfError> for HypervisorError {
 pub struct HvfConfig {
     /// The GICv3 placement (and the vCPU count it is sized for).
     pub gic: GicV3Layout,
+    /// Bytes the memory map reserves for redistributors from `gic.redistributor_base`. The
+    /// framework claims room for its own maximum of vCPUs, which must fit.
+    pub redistributor_space: u64,
 }
 
 /// The Hypervisor.framework backend.
@@ -164,7 +167,7 @@ impl Hypervisor for Hvf {
     fn create_vm(&self) -> Result<Arc<dyn Vm>, HypervisorError> {
         #[cfg(target_os = "macos")]
         {
-            let vm = real::RealVm::create(&self.config.gic)?;
+            let vm = real::RealVm::create(&self.config)?;
             Ok(Arc::new(vm::HvfVm::new(
                 Arc::new(vm),
                 self.config.gic.vcpu_count,

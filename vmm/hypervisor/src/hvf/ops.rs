@@ -32,6 +32,10 @@ pub(crate) trait VmOps: Send + Sync + 'static {
     /// The host counter the guest's virtual counter derives from (CNTVCT = this − offset).
     fn now_ticks(&self) -> u64;
 
+    /// The virtual counter offset every vCPU of this VM gets: the host counter when the VM was
+    /// created, so the guest's counter starts near zero and reads the same on every vCPU.
+    fn vtimer_base(&self) -> u64;
+
     /// Converts a number of counter ticks to wall time.
     fn ticks_to_duration(&self, ticks: u64) -> Duration;
 }
@@ -54,6 +58,8 @@ pub(crate) trait VcpuOps {
     fn set_vtimer_mask(&mut self, masked: bool) -> Result<(), HvfError>;
     /// The virtual counter's offset from the host counter.
     fn vtimer_offset(&self) -> Result<u64, HvfError>;
+    /// Sets the virtual counter's offset from the host counter.
+    fn set_vtimer_offset(&mut self, offset: u64) -> Result<(), HvfError>;
     /// Sets or clears the virtual timer's PPI as pending on this vCPU's redistributor.
     fn set_vtimer_pending(&mut self, pending: bool) -> Result<(), HvfError>;
     /// Whether an SGI or PPI is pending on this vCPU's redistributor.

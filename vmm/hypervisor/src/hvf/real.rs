@@ -8,7 +8,7 @@ use super::HvfError;
 use super::ffi::{self, hv_reg_t, hv_sys_reg_t, hv_vcpu_exit_t};
 use super::ops::{VcpuOps, VmOps};
 use crate::aarch64::{
-    GICV3_DISTRIBUTOR_SIZE, GICV3_REDISTRIBUTOR_SIZE, GicV3Layout, PPI_BASE_INTID, TIMER_PPI_VIRT,
+    GICV3_DISTRIBUTOR_SIZE, GICV3_REDISTRIBUTOR_SIZE, PPI_BASE_INTID, TIMER_PPI_VIRT,
 };
 
 /// The process-wide VM slot of the framework.
@@ -34,47 +34,80 @@ impl Drop for VmSlot {
     }
 }
 
-/// Checks our GIC placement against the framework's sizes and alignments.
-fn check_gic_geometry(gic: &ffi::GicFunctions, layout: &GicV3Layout) -> Result<(), HvfError> {
-    let (dist_size, dist_align) = gic.distributor_geometry()?;
-    let (redist_size, redist_align) = gic.redistributor_geometry()?;
-    check_geometry(layout, dist_size, dist_align, redist_size, redist_align)
+/// The framework's GIC geometry, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FrameworkGic {
+    /// Distributor frame size.
+    pub(crate) distributor_size: u64,
+    /// Required distributor base alignment.
+    pub(crate) distributor_align: u64,
+    /// One vCPU's redistributor.
+    pub(crate) redistributor_size: u64,
+    /// Required redistributor region base alignment.
+    pub(crate) redistributor_align: u64,
+    /// The whole redistributor region the framework claims.
+    pub(crate) redistributor_region: u64,
 }
 
+/// Checks our GIC placement against the framework's sizes and alignments.
+fn check_gic_geometry(gic: &ffi::GicFunctions, config: &super::HvfConfig) -> Result<(), HvfError> {
+    let (distributor_size, distributor_align) = gic.distributor_geometry()?;
+    let (redistributor_size, redistributor_align, redistributor_region) =
+        gic.redistributor_geometry()?;
+    check_geometry(
+        config,
+        &FrameworkGic {
+            distributor_size,
+            distributor_align,
+            redistributor_size,
+            redistributor_align,
+            redistributor_region,
+        },
+    )
+}
+
+/// Checks the guest's GIC placement (`config`) against what the framework requires.
 pub(crate) fn check_geometry(
-    layout: &GicV3Layout,
-    dist_size: u64,
-    dist_align: u64,
-    redist_size: u64,
-    redist_align: u64,
+    config: &super::HvfConfig,
+    framework: &FrameworkGic,
 ) -> Result<(), HvfError> {
+    let layout = &config.gic;
     let misaligned = |base: u64, align: u64| align != 0 && !base.is_multiple_of(align);
-    if dist_size > GICV3_DISTRIBUTOR_SIZE {
+    if framework.distributor_size > GICV3_DISTRIBUTOR_SIZE {
         return Err(HvfError::GicLayout {
             field: "distributor size",
             value: GICV3_DISTRIBUTOR_SIZE,
-            required: dist_size,
+            required: framework.distributor_size,
         });
     }
-    if misaligned(layout.distributor_base, dist_align) {
+    if misaligned(layout.distributor_base, framework.distributor_align) {
         return Err(HvfError::GicLayout {
             field: "distributor base",
             value: layout.distributor_base,
-            required: dist_align,
+            required: framework.distributor_align,
         });
     }
-    if redist_size != GICV3_REDISTRIBUTOR_SIZE {
+    if framework.redistributor_size != GICV3_REDISTRIBUTOR_SIZE {
         return Err(HvfError::GicLayout {
             field: "redistributor size",
             value: GICV3_REDISTRIBUTOR_SIZE,
-            required: redist_size,
+            required: framework.redistributor_size,
         });
     }
-    if misaligned(layout.redistributor_base, redist_align) {
+    if misaligned(layout.redistributor_base, framework.redistributor_align) {
         return Err(HvfError::GicLayout {
             field: "redistributor base",
             value: layout.redistributor_base,
-            required: redist_align,
+            required: framework.redistributor_align,
+        });
+    }
+    // The framework claims its whole region whatever the vCPU count: it must not reach the
+    // devices placed after the space the memory map reserves.
+    if framework.redistributor_region > config.redistributor_space {
+        return Err(HvfError::GicLayout {
+            field: "redistributor space",
+            value: config.redistributor_space,
+            required: framework.redistributor_region,
         });
     }
     Ok(())
@@ -94,6 +127,7 @@ pub(crate) fn check_vtimer_intid(intid: u32) -> Result<u32, HvfError> {
 pub(crate) struct RealVm {
     gic: ffi::GicFunctions,
     vtimer_intid: u32,
+    vtimer_base: u64,
     timebase: (u32, u32),
     _slot: VmSlot,
 }
@@ -115,7 +149,8 @@ unsafe extern "C" {
 impl RealVm {
     /// Creates the framework VM and its GICv3. Order matters: `hv_gic_create` must follow
     /// `hv_vm_create` and precede every `hv_vcpu_create`.
-    pub(crate) fn create(gic: &GicV3Layout) -> Result<Self, HvfError> {
+    pub(crate) fn create(config: &super::HvfConfig) -> Result<Self, HvfError> {
+        let gic = &config.gic;
         let slot = VmSlot::acquire(&PROCESS_VM)?;
         // Resolve the GIC before creating the VM, so an old macOS fails without side effects.
         let functions = ffi::GicFunctions::resolve()?;
@@ -123,10 +158,12 @@ impl RealVm {
         let mut vm = Self {
             gic: functions,
             vtimer_intid: 0,
+            // SAFETY: no preconditions.
+            vtimer_base: unsafe { mach_absolute_time() },
             timebase: timebase(),
             _slot: slot,
         };
-        check_gic_geometry(&vm.gic, gic)?;
+        check_gic_geometry(&vm.gic, config)?;
         vm.gic
             .create_gic(gic.distributor_base, gic.redistributor_base)?;
         vm.vtimer_intid = check_vtimer_intid(vm.gic.vtimer_intid()?)?;
@@ -192,6 +229,10 @@ impl VmOps for RealVm {
         unsafe { mach_absolute_time() }
     }
 
+    fn vtimer_base(&self) -> u64 {
+        self.vtimer_base
+    }
+
     fn ticks_to_duration(&self, ticks: u64) -> Duration {
         let (numer, denom) = self.timebase;
         let nanos = u128::from(ticks) * u128::from(numer) / u128::from(denom.max(1));
@@ -251,6 +292,10 @@ impl VcpuOps for RealVcpu {
 
     fn vtimer_offset(&self) -> Result<u64, HvfError> {
         ffi::vcpu_get_vtimer_offset(self.handle)
+    }
+
+    fn set_vtimer_offset(&mut self, offset: u64) -> Result<(), HvfError> {
+        ffi::vcpu_set_vtimer_offset(self.handle, offset)
     }
 
     fn set_vtimer_pending(&mut self, pending: bool) -> Result<(), HvfError> {

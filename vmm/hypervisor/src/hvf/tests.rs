@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::ffi::*;
 use super::ops::{VcpuOps, VmOps};
-use super::real::{VmSlot, check_geometry, check_vtimer_intid};
+use super::real::{FrameworkGic, VmSlot, check_geometry, check_vtimer_intid};
 use super::vm::HvfVm;
 use super::*;
 use crate::aarch64::esr::{EC_DATA_ABORT_LOWER, EC_HVC64, EC_SMC64, EC_SYSREG, EC_WFX};
@@ -25,6 +25,7 @@ enum Event {
     SetSysReg(u16, u64),
     VtimerMask(bool),
     VtimerPending(bool),
+    VtimerOffset(u64),
 }
 
 /// The guest-visible state of one fake vCPU.
@@ -34,6 +35,7 @@ struct State {
     sys_regs: HashMap<u16, u64>,
     log: Vec<Event>,
     local_pending: bool,
+    vtimer_offset: u64,
 }
 
 impl State {
@@ -124,6 +126,9 @@ impl VmOps for FakeVmHandle {
     fn now_ticks(&self) -> u64 {
         self.0.ticks()
     }
+    fn vtimer_base(&self) -> u64 {
+        VTIMER_BASE
+    }
     fn ticks_to_duration(&self, ticks: u64) -> Duration {
         Duration::from_nanos(ticks)
     }
@@ -179,7 +184,14 @@ impl VcpuOps for FakeVcpu {
     }
 
     fn vtimer_offset(&self) -> Result<u64, HvfError> {
-        Ok(0)
+        Ok(self.state.lock().vtimer_offset)
+    }
+
+    fn set_vtimer_offset(&mut self, offset: u64) -> Result<(), HvfError> {
+        let mut state = self.state.lock();
+        state.vtimer_offset = offset;
+        state.log.push(Event::VtimerOffset(offset));
+        Ok(())
     }
 
     fn set_vtimer_pending(&mut self, pending: bool) -> Result<(), HvfError> {
@@ -193,6 +205,8 @@ impl VcpuOps for FakeVcpu {
 }
 
 const IL: u64 = 1 << 25;
+/// The fake VM's common virtual counter offset, in host ticks.
+const VTIMER_BASE: u64 = 1_000;
 
 fn exception(ec: u8, iss: u64, ipa: u64) -> hv_vcpu_exit_t {
     hv_vcpu_exit_t {
@@ -342,6 +356,7 @@ fn test_hvf_vcpu_replays_mmio_psci_vtimer_wfi_and_system_off() {
     let state = fake.state(mpidr_of(0));
     let state = state.lock();
     assert_eq!(state.sys_regs[&HV_SYS_REG_MPIDR_EL1], 0);
+    assert_eq!(state.vtimer_offset, VTIMER_BASE);
     assert_eq!(state.reg(HV_REG_CPSR), 0x3c5);
 }
 
@@ -351,6 +366,7 @@ fn test_hvf_cpu_on_starts_a_parked_vcpu_thread() {
     fake.script(
         mpidr_of(1),
         vec![run(|s| {
+            assert_eq!(s.vtimer_offset, VTIMER_BASE, "same counter on every vcpu");
             assert_eq!(s.pc(), 0x8030_0000);
             assert_eq!(s.reg(HV_REG_X0), 0x55);
             assert_eq!(s.reg(HV_REG_CPSR), 0x3c5);
@@ -610,33 +626,65 @@ fn test_vm_slot_allows_one_vm_per_process() {
 
 #[test]
 fn test_gic_geometry_and_vtimer_checks() {
-    let layout = GicV3Layout {
-        distributor_base: 0x0800_0000,
-        redistributor_base: 0x080a_0000,
-        vcpu_count: 2,
+    let config = HvfConfig {
+        gic: GicV3Layout {
+            distributor_base: 0x0800_0000,
+            redistributor_base: 0x080a_0000,
+            vcpu_count: 2,
+        },
+        redistributor_space: 0xf6_0000,
     };
-    assert!(check_geometry(&layout, 0x1_0000, 0x1_0000, 0x2_0000, 0x2_0000).is_ok());
-    assert!(matches!(
-        check_geometry(&layout, 0x1_0000, 0x1000_0000, 0x2_0000, 0x2_0000),
-        Err(HvfError::GicLayout {
-            field: "distributor base",
-            ..
-        })
-    ));
-    assert!(matches!(
-        check_geometry(&layout, 0x1_0000, 0x1_0000, 0x4_0000, 0x2_0000),
-        Err(HvfError::GicLayout {
-            field: "redistributor size",
-            ..
-        })
-    ));
-    assert!(matches!(
-        check_geometry(&layout, 0x1_0000, 0x1_0000, 0x2_0000, 0x4_0000),
-        Err(HvfError::GicLayout {
-            field: "redistributor base",
-            ..
-        })
-    ));
+    let apple = FrameworkGic {
+        distributor_size: 0x1_0000,
+        distributor_align: 0x1_0000,
+        redistributor_size: 0x2_0000,
+        redistributor_align: 0x2_0000,
+        redistributor_region: 0x80_0000,
+    };
+    assert!(check_geometry(&config, &apple).is_ok());
+    let cases = [
+        (
+            FrameworkGic {
+                distributor_align: 0x1000_0000,
+                ..apple
+            },
+            "distributor base",
+        ),
+        (
+            FrameworkGic {
+                distributor_size: 0x2_0000,
+                ..apple
+            },
+            "distributor size",
+        ),
+        (
+            FrameworkGic {
+                redistributor_size: 0x4_0000,
+                ..apple
+            },
+            "redistributor size",
+        ),
+        (
+            FrameworkGic {
+                redistributor_align: 0x4_0000,
+                ..apple
+            },
+            "redistributor base",
+        ),
+        (
+            FrameworkGic {
+                redistributor_region: 0x100_0000,
+                ..apple
+            },
+            "redistributor space",
+        ),
+    ];
+    for (framework, expected) in cases {
+        match check_geometry(&config, &framework) {
+            Err(HvfError::GicLayout { field, .. }) => assert_eq!(field, expected),
+            other => panic!("expected a {expected} error, got {other:?}"),
+        }
+    }
     assert_eq!(check_vtimer_intid(27).unwrap(), 27);
     assert!(matches!(
         check_vtimer_intid(30),
@@ -652,6 +700,7 @@ fn test_hvf_backend_is_unavailable_off_macos() {
             redistributor_base: 0x080a_0000,
             vcpu_count: 1,
         },
+        redistributor_space: 0xf6_0000,
     };
     let result = Hvf::new(config);
     if cfg!(target_os = "macos") {

@@ -121,7 +121,8 @@ impl<O: VmOps> std::fmt::Debug for HvfVcpu<O> {
 }
 
 impl<O: VmOps> HvfVcpu<O> {
-    /// Creates vCPU `index` on the calling thread, powered off, with its MPIDR set.
+    /// Creates vCPU `index` on the calling thread, powered off, with its MPIDR and the VM's
+    /// common virtual counter offset set.
     pub(crate) fn new(
         vm: Arc<O>,
         power: Arc<PowerTable>,
@@ -129,6 +130,8 @@ impl<O: VmOps> HvfVcpu<O> {
         slot: Arc<CpuSlot>,
     ) -> Result<Self, HvfError> {
         let mut ops = vm.create_vcpu()?;
+        // One offset for all vCPUs: Linux expects every CPU to read the same counter.
+        ops.set_vtimer_offset(vm.vtimer_base())?;
         ops.set_sys_reg(HV_SYS_REG_MPIDR_EL1, mpidr_of(index))?;
         let reset_sctlr = ops.sys_reg(HV_SYS_REG_SCTLR_EL1)?;
         slot.state.lock().handle = Some(ops.handle());

@@ -30,6 +30,8 @@ pub const GIC_DISTRIBUTOR_BASE: u64 = 0x0800_0000;
 pub const GIC_REDISTRIBUTOR_BASE: u64 = 0x080a_0000;
 /// End of the space reserved for redistributors.
 pub const GIC_REDISTRIBUTOR_LIMIT: u64 = 0x0900_0000;
+/// Bytes reserved for redistributors (a backend whose GIC claims a fixed region checks it fits).
+pub const GIC_REDISTRIBUTOR_SPACE: u64 = GIC_REDISTRIBUTOR_LIMIT - GIC_REDISTRIBUTOR_BASE;
 /// PL011 UART base.
 pub const SERIAL_BASE: u64 = 0x0900_0000;
 /// PL011 register window.
@@ -101,7 +103,7 @@ pub fn gic_layout(vcpu_count: u32) -> Result<GicV3Layout, LayoutError> {
 
 /// The most vCPUs the redistributor space holds.
 pub fn max_vcpus() -> u32 {
-    let frames = (GIC_REDISTRIBUTOR_LIMIT - GIC_REDISTRIBUTOR_BASE) / GICV3_REDISTRIBUTOR_SIZE;
+    let frames = GIC_REDISTRIBUTOR_SPACE / GICV3_REDISTRIBUTOR_SIZE;
     u32::try_from(frames).unwrap_or(u32::MAX)
 }
 
