@@ -6,4 +6,6 @@
 pub mod agent_client;
 pub mod plan;
 pub mod rootfs;
+#[cfg(target_arch = "x86_64")]
+pub mod sandbox;
 pub mod state;
