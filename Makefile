@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test unit-test lint fmt deps host-test vm-test guest-kernel test-initramfs
+.PHONY: all build test unit-test lint fmt deps host-test vm-test guest-kernel test-initramfs guest-image
 
 all: build
 
@@ -41,6 +41,11 @@ guest-kernel:
 
 test-initramfs:
 	@guest-image/test-initramfs
+
+# The guest kernel and the agent initramfs, cached by content; also linked as
+# ${SQUIB_CACHE:-~/.cache/squib}/guest/{vmlinux,initramfs}. The last two lines are their paths.
+guest-image:
+	@guest-image/build-guest-image
 
 test: lint unit-test host-test vm-test
 

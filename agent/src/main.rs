@@ -105,6 +105,7 @@ fn pid1_setup() -> anyhow::Result<Options> {
         system::leave_initramfs("/init").context("leave the initramfs root")?;
     }
     system::mount_filesystems().context("mount the guest file systems")?;
+    system::attach_console();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let log = system::cmdline_value(&cmdline, "squib.log").unwrap_or_else(|| "info".to_owned());
     init_logging(&log);

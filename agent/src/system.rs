@@ -165,6 +165,22 @@ pub fn leave_initramfs(exe: &str) -> Result<std::convert::Infallible, SystemErro
     }
 }
 
+/// Points stdin, stdout and stderr at /dev/console (the serial console). The kernel does this
+/// only when the initramfs holds a /dev/console node; ours does not need one.
+pub fn attach_console() {
+    let Ok(console) = nix::fcntl::open(
+        "/dev/console",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) else {
+        return;
+    };
+    for target in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which belong to this process.
+        unsafe { libc::dup2(console.as_raw_fd(), target) };
+    }
+}
+
 /// Brings the loopback interface up (`SIOCSIFFLAGS` with `IFF_UP`).
 ///
 /// # Errors
