@@ -4,11 +4,16 @@
 //! and the boot vCPU's state.
 //!
 //! Pure computation with no hypervisor call: built and unit-tested on every host, used by both
-//! the KVM (Linux arm64) and the Hypervisor.framework (macOS) builds.
+//! the KVM (Linux arm64) and the Hypervisor.framework (macOS) builds. On arm64 Linux with KVM, a
+//! test boots a real kernel through all of it (PL011 console, vGICv3, PSCI power-off) when
+//! `SQUIB_ARM64_KERNEL` and `SQUIB_ARM64_INITRD` name a kernel `Image` and an initrd.
 
 pub mod fdt;
 pub mod image;
 pub mod layout;
+
+#[cfg(all(test, target_os = "linux", target_arch = "aarch64"))]
+mod boot_test;
 
 use squib_hypervisor::aarch64::VcpuSetup;
 

@@ -1,0 +1,173 @@
+//! Boots a real arm64 Linux kernel through the aarch64 boot path on arm64 KVM: the `Image`
+//! header, the memory map, the device tree, the PL011 console and the vGICv3, with PSCI for
+//! power-off. Needs `/dev/kvm` and a kernel and initrd named by `SQUIB_ARM64_KERNEL` and
+//! `SQUIB_ARM64_INITRD` (the initrd's init prints `SQUIB_BOOT_OK` and powers off); reports
+//! itself skipped without them.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use squib_devices::Bus;
+use squib_devices::pl011::Pl011;
+use squib_hypervisor::kvm_aarch64::KvmAarch64;
+use squib_hypervisor::{Hypervisor, VcpuKicker, VmExit};
+
+use super::layout::{self, DRAM_BASE};
+use super::{MachineShape, prepare_boot};
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn test_arm64_kernel_boots_to_init_and_powers_off() {
+    let (Ok(kernel_path), Ok(initrd_path)) = (
+        std::env::var("SQUIB_ARM64_KERNEL"),
+        std::env::var("SQUIB_ARM64_INITRD"),
+    ) else {
+        eprintln!("skipped: SQUIB_ARM64_KERNEL and SQUIB_ARM64_INITRD are not set");
+        return;
+    };
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: this host has no /dev/kvm");
+        return;
+    }
+    let kernel = std::fs::read(kernel_path).unwrap();
+    let initrd = std::fs::read(initrd_path).unwrap();
+    let vcpus = 2;
+    let mem_len: usize = 256 << 20;
+    let mem_size = mem_len as u64;
+    let shape = MachineShape {
+        vcpu_count: vcpus,
+        mem_size,
+        cmdline: "console=ttyAMA0 panic=-1 rdinit=/init",
+        serial: true,
+        virtio: &[],
+    };
+    let boot = prepare_boot(&kernel, Some(initrd.len() as u64), &shape).unwrap();
+
+    // SAFETY: a fresh private anonymous mapping for guest RAM, unmapped after the VM is gone.
+    let ram = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            mem_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(ram, libc::MAP_FAILED);
+    let put = |gpa: u64, bytes: &[u8]| {
+        let offset = usize::try_from(gpa - DRAM_BASE).unwrap();
+        assert!(offset + bytes.len() <= mem_len);
+        // SAFETY: the range was checked to be inside the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), ram.cast::<u8>().add(offset), bytes.len())
+        };
+    };
+    put(boot.plan.kernel_addr, &kernel);
+    let (initrd_addr, _) = boot.plan.initrd.unwrap();
+    put(initrd_addr, &initrd);
+    put(boot.plan.fdt_addr, &boot.fdt);
+
+    let hv = KvmAarch64::open(layout::gic_layout(vcpus).unwrap()).unwrap();
+    let vm = hv.create_vm().unwrap();
+    // SAFETY: the mapping outlives the VM (munmap below, after every vCPU and the VM are gone).
+    unsafe { vm.map_memory(0, DRAM_BASE, ram as u64, mem_size, false) }.unwrap();
+    let console = Console::default();
+    let serial = layout::serial_slot();
+    let mut bus = Bus::new();
+    bus.insert(
+        serial.base,
+        serial.size,
+        Arc::new(Mutex::new(Pl011::new(
+            vm.interrupt_line(serial.spi).unwrap(),
+            Box::new(console.clone()),
+        ))),
+    )
+    .unwrap();
+    let bus = Arc::new(bus);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let kickers: Arc<Mutex<Vec<Arc<dyn VcpuKicker>>>> = Arc::default();
+    let outcome: Arc<Mutex<Option<&'static str>>> = Arc::default();
+    let threads: Vec<_> = (0..vcpus)
+        .map(|index| {
+            let (vm, bus, stop, kickers, outcome) = (
+                vm.clone(),
+                bus.clone(),
+                stop.clone(),
+                kickers.clone(),
+                outcome.clone(),
+            );
+            let setup = boot.vcpu;
+            std::thread::spawn(move || {
+                let mut vcpu = vm.create_vcpu(index, vcpus).unwrap();
+                if index == 0 {
+                    vcpu.configure_aarch64(&setup).unwrap();
+                }
+                kickers.lock().push(vcpu.kicker());
+                let end = |what: &'static str| {
+                    outcome.lock().get_or_insert(what);
+                    stop.store(true, Ordering::SeqCst);
+                    for kicker in kickers.lock().iter() {
+                        kicker.kick();
+                    }
+                };
+                while !stop.load(Ordering::SeqCst) {
+                    match vcpu.run().unwrap() {
+                        VmExit::MmioRead { addr, data } => {
+                            bus.read(addr, data);
+                        }
+                        VmExit::MmioWrite { addr, data } => {
+                            bus.write(addr, data);
+                        }
+                        VmExit::Interrupted => {}
+                        VmExit::Shutdown => end("shutdown"),
+                        VmExit::Reset => end("reset"),
+                        other => panic!("vcpu {index}: unexpected exit {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    // A watchdog: nested emulation is slow, but a boot that hangs must fail, not block.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !stop.load(Ordering::SeqCst) {
+        outcome.lock().get_or_insert("timeout");
+        stop.store(true, Ordering::SeqCst);
+        for kicker in kickers.lock().iter() {
+            kicker.kick();
+        }
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    drop(vm);
+    // SAFETY: every vCPU and the VM are gone; the mapping is ours.
+    assert_eq!(unsafe { libc::munmap(ram, mem_len) }, 0);
+    let text = String::from_utf8_lossy(&console.0.lock()).into_owned();
+    assert_eq!(*outcome.lock(), Some("shutdown"), "console:\n{text}");
+    assert!(text.contains("SQUIB_BOOT_OK"), "console:\n{text}");
+    assert!(
+        text.contains("smp: Brought up 1 node, 2 CPUs"),
+        "console:\n{text}"
+    );
+}
