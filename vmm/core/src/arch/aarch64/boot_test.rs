@@ -15,8 +15,8 @@ use squib_devices::pl011::Pl011;
 use squib_hypervisor::kvm_aarch64::KvmAarch64;
 use squib_hypervisor::{Hypervisor, VcpuKicker, VmExit};
 
-use super::layout::{self, DRAM_BASE};
-use super::{MachineShape, prepare_boot};
+use super::layout;
+use super::{MachineShape, load_boot_images, prepare_boot, ram_regions};
 
 #[derive(Clone, Default)]
 struct Console(Arc<Mutex<Vec<u8>>>);
@@ -48,8 +48,7 @@ fn test_arm64_kernel_boots_to_init_and_powers_off() {
     let kernel = std::fs::read(kernel_path).unwrap();
     let initrd = std::fs::read(initrd_path).unwrap();
     let vcpus = 2;
-    let mem_len: usize = 256 << 20;
-    let mem_size = mem_len as u64;
+    let mem_size: u64 = 256 << 20;
     let shape = MachineShape {
         vcpu_count: vcpus,
         mem_size,
@@ -59,35 +58,12 @@ fn test_arm64_kernel_boots_to_init_and_powers_off() {
     };
     let boot = prepare_boot(&kernel, Some(initrd.len() as u64), &shape).unwrap();
 
-    // SAFETY: a fresh private anonymous mapping for guest RAM, unmapped after the VM is gone.
-    let ram = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            mem_len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(ram, libc::MAP_FAILED);
-    let put = |gpa: u64, bytes: &[u8]| {
-        let offset = usize::try_from(gpa - DRAM_BASE).unwrap();
-        assert!(offset + bytes.len() <= mem_len);
-        // SAFETY: the range was checked to be inside the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), ram.cast::<u8>().add(offset), bytes.len())
-        };
-    };
-    put(boot.plan.kernel_addr, &kernel);
-    let (initrd_addr, _) = boot.plan.initrd.unwrap();
-    put(initrd_addr, &initrd);
-    put(boot.plan.fdt_addr, &boot.fdt);
+    let memory = crate::memory::allocate(&ram_regions(mem_size)).unwrap();
+    load_boot_images(&memory, &boot, &kernel, Some(&initrd)).unwrap();
 
     let hv = KvmAarch64::open(layout::gic_layout(vcpus).unwrap()).unwrap();
     let vm = hv.create_vm().unwrap();
-    // SAFETY: the mapping outlives the VM (munmap below, after every vCPU and the VM are gone).
-    unsafe { vm.map_memory(0, DRAM_BASE, ram as u64, mem_size, false) }.unwrap();
+    crate::memory::map_into(&*vm, &memory).unwrap();
     let console = Console::default();
     let serial = layout::serial_slot();
     let mut bus = Bus::new();
@@ -160,9 +136,9 @@ fn test_arm64_kernel_boots_to_init_and_powers_off() {
     for thread in threads {
         thread.join().unwrap();
     }
+    // Guest memory outlives the VM.
     drop(vm);
-    // SAFETY: every vCPU and the VM are gone; the mapping is ours.
-    assert_eq!(unsafe { libc::munmap(ram, mem_len) }, 0);
+    drop(memory);
     let text = String::from_utf8_lossy(&console.0.lock()).into_owned();
     assert_eq!(*outcome.lock(), Some("shutdown"), "console:\n{text}");
     assert!(text.contains("SQUIB_BOOT_OK"), "console:\n{text}");

@@ -16,6 +16,7 @@ pub mod layout;
 mod boot_test;
 
 use squib_hypervisor::aarch64::VcpuSetup;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use fdt::{FdtConfig, FdtError};
 use image::{ImageError, ImageHeader};
@@ -33,6 +34,68 @@ pub enum BootError {
     /// The device tree could not be built.
     #[error("cannot build the device tree")]
     Fdt(#[from] FdtError),
+    /// A boot blob could not be written to guest memory.
+    #[error("cannot write the {what} ({len} bytes) to guest memory at {gpa:#x}")]
+    Load {
+        /// Which blob: kernel, initrd or device tree.
+        what: &'static str,
+        /// Where it was to go.
+        gpa: u64,
+        /// Its size.
+        len: usize,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// An initrd was planned for but not given, or given but not planned for.
+    #[error("initrd given: {given}, planned: {planned}")]
+    InitrdMismatch {
+        /// Whether the loader got initrd bytes.
+        given: bool,
+        /// Whether the boot plan has room for one.
+        planned: bool,
+    },
+}
+
+/// The guest RAM regions of a machine with `mem_size` bytes: one, at [`layout::DRAM_BASE`].
+pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, u64)> {
+    vec![(GuestAddress(layout::DRAM_BASE), mem_size)]
+}
+
+/// Writes the kernel, the initrd and the device tree to guest memory where `boot` planned them.
+///
+/// # Errors
+///
+/// [`BootError::Load`] when a blob does not fit guest memory, [`BootError::InitrdMismatch`]
+/// when `initrd` and the plan disagree.
+pub fn load_boot_images(
+    memory: &GuestMemoryMmap,
+    boot: &BootSetup,
+    kernel: &[u8],
+    initrd: Option<&[u8]>,
+) -> Result<(), BootError> {
+    let write = |what: &'static str, gpa: u64, bytes: &[u8]| {
+        memory
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|source| BootError::Load {
+                what,
+                gpa,
+                len: bytes.len(),
+                source,
+            })
+    };
+    write("kernel", boot.plan.kernel_addr, kernel)?;
+    match (initrd, boot.plan.initrd) {
+        (Some(bytes), Some((gpa, _))) => write("initrd", gpa, bytes)?,
+        (None, None) => {}
+        (given, planned) => {
+            return Err(BootError::InitrdMismatch {
+                given: given.is_some(),
+                planned: planned.is_some(),
+            });
+        }
+    }
+    write("device tree", boot.plan.fdt_addr, &boot.fdt)
 }
 
 /// The shape of the machine to boot.
@@ -117,6 +180,38 @@ mod tests {
         assert_eq!(boot.plan.kernel_end, layout::DRAM_BASE + (8 << 20));
         // A valid blob: FDT magic, big-endian.
         assert_eq!(boot.fdt[..4], [0xd0, 0x0d, 0xfe, 0xed]);
+
+        // The blobs land where the plan says.
+        let memory = crate::memory::allocate(&ram_regions(256 << 20)).unwrap();
+        let initrd = vec![0x5a; 4 << 20];
+        load_boot_images(&memory, &boot, &kernel, Some(&initrd)).unwrap();
+        let mut magic = [0u8; 4];
+        memory
+            .read_slice(&mut magic, GuestAddress(boot.plan.kernel_addr + 0x38))
+            .unwrap();
+        assert_eq!(&magic, b"ARM\x64");
+        let (initrd_gpa, _) = boot.plan.initrd.unwrap();
+        let mut byte = [0u8; 1];
+        memory
+            .read_slice(&mut byte, GuestAddress(initrd_gpa + (4 << 20) - 1))
+            .unwrap();
+        assert_eq!(byte, [0x5a]);
+        memory
+            .read_slice(&mut magic, GuestAddress(boot.plan.fdt_addr))
+            .unwrap();
+        assert_eq!(magic, [0xd0, 0x0d, 0xfe, 0xed]);
+        assert!(matches!(
+            load_boot_images(&memory, &boot, &kernel, None),
+            Err(BootError::InitrdMismatch {
+                given: false,
+                planned: true
+            })
+        ));
+        let small = crate::memory::allocate(&ram_regions(8 << 20)).unwrap();
+        assert!(matches!(
+            load_boot_images(&small, &boot, &kernel, Some(&initrd)),
+            Err(BootError::Load { what: "initrd", .. })
+        ));
 
         assert!(matches!(
             prepare_boot(&kernel[..10], None, &shape),
