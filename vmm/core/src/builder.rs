@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use squib_devices::serial::{ConsoleSink, PanicWatch, SerialDevice};
+use squib_devices::serial::{ConsoleSink, ConsoleWatch, SerialDevice};
 use squib_devices::virtio::{Block, MmioTransport, Rng, VirtioDevice};
 use squib_devices::{Bus, BusError};
 use squib_hypervisor::{Hypervisor, HypervisorError, Vm};
@@ -339,7 +339,7 @@ pub fn build(
     memory::map_into(vm.as_ref(), &guest_memory)?;
 
     let control = VcpuControl::new_paused();
-    let panic_watch = PanicWatch::new();
+    let console_watch = ConsoleWatch::new();
 
     // Platform devices on the port I/O bus.
     let serial_line = vm
@@ -347,7 +347,7 @@ pub fn build(
         .map_err(hv_error("get the serial interrupt line"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_line,
-        ConsoleSink::new(open_console(config, console)?, panic_watch.clone()),
+        ConsoleSink::new(open_console(config, console)?, console_watch.clone()),
     )));
     let stop = {
         let serial = serial.clone();
@@ -370,17 +370,23 @@ pub fn build(
     let i8042 = {
         let control = control.clone();
         let stop = stop.clone();
-        let watch = panic_watch.clone();
-        arch::i8042::I8042::new(Box::new(move || {
-            let reason = if watch.panicked() {
-                VmStopReason::GuestPanic
-            } else {
-                VmStopReason::GuestReset
-            };
-            info!(?reason, "guest pulsed the i8042 reset line");
-            control.stop();
-            stop.notify(reason);
-        }))
+        let watch = console_watch.clone();
+        arch::i8042::I8042::new(
+            Box::new(move || {
+                let reason = if watch.panicked() {
+                    VmStopReason::GuestPanic
+                } else {
+                    VmStopReason::GuestReset
+                };
+                info!(?reason, "guest pulsed the i8042 reset line");
+                control.stop();
+                stop.notify(reason);
+            }),
+            Some(
+                vm.interrupt_line(arch::i8042::I8042::IRQ)
+                    .map_err(hv_error("get the keyboard interrupt line"))?,
+            ),
+        )
     };
     io_bus
         .insert(
@@ -415,7 +421,7 @@ pub fn build(
         io_bus: Arc::new(io_bus),
         control: control.clone(),
         stop,
-        panic_watch,
+        console: console_watch,
     };
     let mut microvm = MicroVm::new(
         vm.clone(),
@@ -447,8 +453,7 @@ mod tests {
     fn config_with(boot_args: Option<&str>, root_ro: Option<bool>) -> VmConfig {
         let mut config = VmConfig {
             boot_source: Some(
-                BootSource::new(PathBuf::from("/k"), None, boot_args.map(str::to_string))
-                    .unwrap(),
+                BootSource::new(PathBuf::from("/k"), None, boot_args.map(str::to_string)).unwrap(),
             ),
             ..VmConfig::default()
         };

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use squib_devices::Bus;
-use squib_devices::serial::PanicWatch;
+use squib_devices::serial::{ConsoleStop, ConsoleWatch};
 use squib_hypervisor::{HypervisorError, Vcpu, VcpuKicker, Vm, VmExit};
 use tracing::{debug, error, info, trace, warn};
 
@@ -23,9 +23,9 @@ use tracing::{debug, error, info, trace, warn};
 pub enum VmStopReason {
     /// The guest rebooted (i8042 reset, triple fault or reset request).
     GuestReset,
-    /// The guest powered off.
+    /// The guest powered off (power-off request, or the kernel's power-off console line).
     GuestShutdown,
-    /// The guest kernel panicked (its panic banner appeared on the console before it reset).
+    /// The guest kernel panicked (its panic banner appeared on the console).
     GuestPanic,
     /// A vCPU failed or hit an exit squib cannot handle; the text says which and why.
     Failed(String),
@@ -251,8 +251,8 @@ pub struct VcpuContext {
     pub control: Arc<VcpuControl>,
     /// Where the first stop is reported.
     pub stop: Arc<StopNotifier>,
-    /// Tells a guest panic from a plain reboot.
-    pub panic_watch: PanicWatch,
+    /// Tells a guest panic from a plain reboot, and reports console power-off and panic lines.
+    pub console: ConsoleWatch,
 }
 
 impl std::fmt::Debug for VcpuContext {
@@ -352,10 +352,21 @@ fn run_loop(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
             }
             VmExit::IoOut { port, data } => {
                 ctx.io_bus.write(u64::from(port), data);
+                // Console output is port I/O on x86_64: the line that completes a panic or
+                // power-off banner ends the VM here.
+                if let Some(stop) = ctx.console.stop_request() {
+                    let reason = match stop {
+                        ConsoleStop::Panic => VmStopReason::GuestPanic,
+                        ConsoleStop::PowerOff => VmStopReason::GuestShutdown,
+                    };
+                    info!(?reason, "guest console reported the end of the guest");
+                    finish(ctx, reason);
+                    return;
+                }
             }
             VmExit::Interrupted => {}
             VmExit::Reset => {
-                let reason = if ctx.panic_watch.panicked() {
+                let reason = if ctx.console.panicked() {
                     VmStopReason::GuestPanic
                 } else {
                     VmStopReason::GuestReset
@@ -522,7 +533,7 @@ mod tests {
             stop: Arc::new(StopNotifier::new(Box::new(move |r| {
                 let _ = tx.send(r);
             }))),
-            panic_watch: PanicWatch::new(),
+            console: ConsoleWatch::new(),
         };
         (ctx, rx)
     }
@@ -557,9 +568,10 @@ mod tests {
     #[test]
     fn test_vcpu_reset_after_panic_banner_reports_panic() {
         let (ctx, rx) = context(Bus::new());
-        let watch = ctx.panic_watch.clone();
+        let watch = ctx.console.clone();
         let mut sink = squib_devices::serial::ConsoleSink::new(Box::new(std::io::sink()), watch);
-        std::io::Write::write_all(&mut sink, b"Kernel panic - not syncing: test\n").unwrap();
+        // The banner without its line end: the reset decides.
+        std::io::Write::write_all(&mut sink, b"Kernel panic - not syncing: test").unwrap();
         let vm: Arc<dyn Vm> = Arc::new(FakeVm {
             scripts: Mutex::new(vec![VecDeque::from(vec![FakeExit::Reset])]),
             kicks: Arc::new(AtomicUsize::new(0)),

@@ -4,13 +4,15 @@
 //! each guest byte (one VM exit each) costs no system call. Reads see an empty receiver; host
 //! input to the console is not wired up.
 //!
-//! The sink also watches the byte stream for the kernel's panic banner (see [`PanicWatch`]):
-//! a guest kernel without ACPI or PCI has no pvpanic device to report a panic through, and a
-//! panicking kernel booted with `panic=N` resets the machine exactly as a requested reboot does.
+//! The sink also watches the byte stream for the kernel's panic and power-off/halt banners (see [`ConsoleWatch`]): a
+//! guest kernel without ACPI or PCI has no pvpanic device to report a panic through and no
+//! power-off method (its `poweroff` halts the CPUs forever), and a panicking kernel booted with
+//! `panic=N` resets the machine exactly as a requested reboot does. The console is the one
+//! channel such a kernel still uses.
 
 use std::io::{self, LineWriter, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use vm_superio::{Serial, Trigger};
 
@@ -19,64 +21,115 @@ use crate::interrupt::{InterruptError, InterruptLine};
 
 /// The text Linux prints when it panics: `Kernel panic - not syncing: <reason>`.
 const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
+/// The lines Linux prints right before it powers off (`kernel_power_off`) or halts
+/// (`kernel_halt`, which is also what a power-off becomes when the kernel has no power-off
+/// method, as on x86_64 without ACPI).
+const POWER_OFF_BANNERS: [&[u8]; 2] = [b"reboot: Power down", b"reboot: System halted"];
+/// Longest line prefix kept for matching; banners appear at the start of kernel log lines.
+const LINE_KEEP: usize = 128;
 
-/// Shared flag telling whether the guest printed the kernel panic banner.
+const SEEN_PANIC: u8 = 1;
+const SEEN_POWER_OFF: u8 = 2;
+const STOP_PANIC: u8 = 4;
+const STOP_POWER_OFF: u8 = 8;
+
+/// Why the console asks for the microVM to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleStop {
+    /// The kernel printed its panic banner line.
+    Panic,
+    /// The kernel printed its power-off or halt line.
+    PowerOff,
+}
+
+/// What the console saw, shared between the sink and the vCPU loop.
+///
+/// A banner is acted on once the line that holds it is complete, so the log keeps the panic
+/// reason. [`ConsoleWatch::stop_request`] then says the VM should stop.
 #[derive(Debug, Clone, Default)]
-pub struct PanicWatch(Arc<AtomicBool>);
+pub struct ConsoleWatch(Arc<AtomicU8>);
 
-impl PanicWatch {
-    /// A fresh, unset flag.
+impl ConsoleWatch {
+    /// A fresh watch with nothing seen.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Whether the banner has been seen.
+    /// Whether the panic banner has been seen (its line need not be complete).
     pub fn panicked(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) & SEEN_PANIC != 0
+    }
+
+    /// The stop the console asks for, once a banner's line is complete. A panic wins over a
+    /// power-off.
+    pub fn stop_request(&self) -> Option<ConsoleStop> {
+        let flags = self.0.load(Ordering::Relaxed);
+        if flags & STOP_PANIC != 0 {
+            Some(ConsoleStop::Panic)
+        } else if flags & STOP_POWER_OFF != 0 {
+            Some(ConsoleStop::PowerOff)
+        } else {
+            None
+        }
+    }
+
+    fn set(&self, bits: u8) {
+        self.0.fetch_or(bits, Ordering::SeqCst);
     }
 }
 
-/// A writer that forwards bytes to its sink and scans them for [`PANIC_BANNER`].
+/// A writer that forwards bytes to its sink and scans them for the kernel's panic and
+/// power-off banners.
 ///
 /// # Limitations
 ///
-/// The guest controls what it prints: a guest that prints the banner without panicking is
-/// reported as panicked. That only changes how its own VMM reports the guest's end.
+/// The guest controls what it prints: a guest that prints a banner line without panicking or
+/// powering off is treated as if it did. That only changes how its own VMM reports the
+/// guest's end (and ends it).
 pub struct ConsoleSink {
     out: LineWriter<Box<dyn Write + Send>>,
-    matched: usize,
-    watch: PanicWatch,
+    line: Vec<u8>,
+    watch: ConsoleWatch,
 }
 
 impl std::fmt::Debug for ConsoleSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsoleSink")
-            .field("panicked", &self.watch.panicked())
+            .field("watch", &self.watch)
             .finish_non_exhaustive()
     }
 }
 
 impl ConsoleSink {
-    /// Wraps `out`; panics seen in the stream set `watch`.
-    pub fn new(out: Box<dyn Write + Send>, watch: PanicWatch) -> Self {
+    /// Wraps `out`; banners seen in the stream are recorded in `watch`.
+    pub fn new(out: Box<dyn Write + Send>, watch: ConsoleWatch) -> Self {
         Self {
             out: LineWriter::new(out),
-            matched: 0,
+            line: Vec::with_capacity(LINE_KEEP),
             watch,
         }
     }
 
     fn scan(&mut self, byte: u8) {
-        // The banner's first byte occurs nowhere else in it, so restarting the match on a
-        // mismatch cannot skip an occurrence.
-        if PANIC_BANNER.get(self.matched) == Some(&byte) {
-            self.matched += 1;
-        } else {
-            self.matched = usize::from(PANIC_BANNER.first() == Some(&byte));
+        if byte == b'\n' {
+            let flags = self.watch.0.load(Ordering::SeqCst);
+            if flags & SEEN_PANIC != 0 {
+                self.watch.set(STOP_PANIC);
+            }
+            if flags & SEEN_POWER_OFF != 0 {
+                self.watch.set(STOP_POWER_OFF);
+            }
+            self.line.clear();
+            return;
         }
-        if self.matched == PANIC_BANNER.len() {
-            self.watch.0.store(true, Ordering::SeqCst);
-            self.matched = 0;
+        if self.line.len() >= LINE_KEEP {
+            return;
+        }
+        self.line.push(byte);
+        if self.line.ends_with(PANIC_BANNER) {
+            self.watch.set(SEEN_PANIC);
+        } else if POWER_OFF_BANNERS.iter().any(|b| self.line.ends_with(b)) {
+            self.watch.set(SEEN_POWER_OFF);
         }
     }
 }
@@ -216,7 +269,7 @@ mod tests {
         let line = Arc::new(CountingLine::default());
         let mut dev = SerialDevice::new(
             line.clone(),
-            ConsoleSink::new(Box::new(out.clone()), PanicWatch::new()),
+            ConsoleSink::new(Box::new(out.clone()), ConsoleWatch::new()),
         );
         for b in b"hi" {
             dev.write(0, &[*b]);
@@ -234,7 +287,7 @@ mod tests {
         let line = Arc::new(CountingLine::default());
         let mut dev = SerialDevice::new(
             line.clone(),
-            ConsoleSink::new(Box::new(io::sink()), PanicWatch::new()),
+            ConsoleSink::new(Box::new(io::sink()), ConsoleWatch::new()),
         );
         // IER (offset 1): enable the transmitter-holding-register-empty interrupt.
         dev.write(1, &[0x02]);
@@ -248,23 +301,45 @@ mod tests {
 
     #[test]
     fn test_console_sink_detects_panic_banner_across_writes() {
-        let watch = PanicWatch::new();
+        let watch = ConsoleWatch::new();
         let mut sink = ConsoleSink::new(Box::new(io::sink()), watch.clone());
         sink.write_all(b"[ 1.0] Kernel pan").unwrap();
         assert!(!watch.panicked());
-        sink.write_all(b"ic - not syncing: Attempted to kill init!\n")
+        sink.write_all(b"ic - not syncing: Attempted to kill init!")
             .unwrap();
         assert!(watch.panicked());
+        assert_eq!(watch.stop_request(), None, "waits for the end of the line");
+        sink.write_all(b"\n").unwrap();
+        assert_eq!(watch.stop_request(), Some(ConsoleStop::Panic));
     }
 
     #[test]
     fn test_console_sink_ignores_near_misses() {
-        let watch = PanicWatch::new();
+        let watch = ConsoleWatch::new();
         let mut sink = ConsoleSink::new(Box::new(io::sink()), watch.clone());
         sink.write_all(b"KKernel panic - not synced\nKernel panic -- not syncing\n")
             .unwrap();
+        sink.write_all(b"reboot: Power dow\nn\nreboot: Restarting system\n")
+            .unwrap();
         assert!(!watch.panicked());
-        sink.write_all(b"KKernel panic - not syncing").unwrap();
+        assert_eq!(watch.stop_request(), None);
+        sink.write_all(b"KKernel panic - not syncing\n").unwrap();
         assert!(watch.panicked());
+    }
+
+    #[test]
+    fn test_console_sink_reports_power_off_after_its_line() {
+        let watch = ConsoleWatch::new();
+        let mut sink = ConsoleSink::new(Box::new(io::sink()), watch.clone());
+        sink.write_all(b"[   8.1] reboot: Power down").unwrap();
+        assert_eq!(watch.stop_request(), None);
+        sink.write_all(b"\n").unwrap();
+        assert_eq!(watch.stop_request(), Some(ConsoleStop::PowerOff));
+        assert!(!watch.panicked());
+        let watch = ConsoleWatch::new();
+        let mut sink = ConsoleSink::new(Box::new(io::sink()), watch.clone());
+        sink.write_all(b"[  22.9] reboot: System halted\r\n")
+            .unwrap();
+        assert_eq!(watch.stop_request(), Some(ConsoleStop::PowerOff));
     }
 }

@@ -580,7 +580,10 @@ mod tests {
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(params.e820_entries as usize, map.len());
         assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
-        assert_eq!({ params.hdr.cmd_line_ptr }, u32::try_from(CMDLINE_START).unwrap());
+        assert_eq!(
+            { params.hdr.cmd_line_ptr },
+            u32::try_from(CMDLINE_START).unwrap()
+        );
         assert_eq!({ params.e820_table[1].addr }, HIMEM_START);
     }
 
