@@ -1,8 +1,10 @@
 //! Boots a real arm64 Linux kernel through the aarch64 boot path on arm64 KVM: the `Image`
-//! header, the memory map, the device tree, the PL011 console and the vGICv3, with PSCI for
-//! power-off. Needs `/dev/kvm` and a kernel and initrd named by `SQUIB_ARM64_KERNEL` and
-//! `SQUIB_ARM64_INITRD` (the initrd's init prints `SQUIB_BOOT_OK` and powers off); reports
-//! itself skipped without them.
+//! header, the memory map, the device tree, the PL011 console, the vGICv3, a virtio-rng device
+//! on virtio-mmio, and PSCI for power-off. Needs `/dev/kvm` and a kernel and initrd named by
+//! `SQUIB_ARM64_KERNEL` and `SQUIB_ARM64_INITRD`; the initrd's init prints `SQUIB_BOOT_OK`,
+//! then `SQUIB_VIRTIO_OK` once it has read entropy from the virtio-rng device (loading the
+//! virtio-mmio and virtio-rng modules if the kernel has them as modules), and powers off.
+//! Reports itself skipped without them.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use squib_devices::Bus;
 use squib_devices::pl011::Pl011;
+use squib_devices::virtio::{MmioTransport, Rng};
 use squib_hypervisor::kvm_aarch64::KvmAarch64;
 use squib_hypervisor::{Hypervisor, VcpuKicker, VmExit};
 
@@ -54,7 +57,7 @@ fn test_arm64_kernel_boots_to_init_and_powers_off() {
         mem_size,
         cmdline: "console=ttyAMA0 panic=-1 rdinit=/init",
         serial: true,
-        virtio: &[],
+        virtio: &[layout::virtio_slot(0).unwrap()],
     };
     let boot = prepare_boot(&kernel, Some(initrd.len() as u64), &shape).unwrap();
 
@@ -76,6 +79,15 @@ fn test_arm64_kernel_boots_to_init_and_powers_off() {
         ))),
     )
     .unwrap();
+    let rng = layout::virtio_slot(0).unwrap();
+    let transport = MmioTransport::new(
+        Box::new(Rng::new()),
+        memory.clone(),
+        vm.interrupt_line(rng.spi).unwrap(),
+    )
+    .unwrap();
+    bus.insert(rng.base, rng.size, Arc::new(Mutex::new(transport)))
+        .unwrap();
     let bus = Arc::new(bus);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -142,6 +154,7 @@ fn test_arm64_kernel_boots_to_init_and_powers_off() {
     let text = String::from_utf8_lossy(&console.0.lock()).into_owned();
     assert_eq!(*outcome.lock(), Some("shutdown"), "console:\n{text}");
     assert!(text.contains("SQUIB_BOOT_OK"), "console:\n{text}");
+    assert!(text.contains("SQUIB_VIRTIO_OK"), "console:\n{text}");
     assert!(
         text.contains("smp: Brought up 1 node, 2 CPUs"),
         "console:\n{text}"
