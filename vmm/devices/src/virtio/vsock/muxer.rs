@@ -829,7 +829,14 @@ impl Muxer {
                 Ok(0) => {
                     self.rxq.undo_pop();
                     conn.host_eof = true;
-                    self.push_ctrl(key, OP_SHUTDOWN, SHUTDOWN_SEND);
+                    // A peer that closed its socket (hang-up) takes no more data either; one that
+                    // only shut its sending side down may still read the guest's answer.
+                    let flags = if peer_hung_up(&conn.stream) {
+                        SHUTDOWN_SEND | SHUTDOWN_RCV
+                    } else {
+                        SHUTDOWN_SEND
+                    };
+                    self.push_ctrl(key, OP_SHUTDOWN, flags);
                     self.after_progress(key);
                     return;
                 }
@@ -854,6 +861,17 @@ impl Muxer {
             }
         }
     }
+}
+
+/// Whether the host peer closed its end entirely (poll reports a hang-up), as opposed to only
+/// shutting down its sending side.
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::empty())];
+    nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok()
+        && fds
+            .first()
+            .and_then(PollFd::revents)
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
 }
 
 /// Connects to a host listener without ever blocking the worker: a listener whose backlog is

@@ -305,9 +305,16 @@ fn test_vsock_guest_connects_to_host_listener() {
     let (h, p) = g.recv();
     assert_eq!((h.op, p.as_slice()), (OP_RW, &b"pong"[..]));
     // The host peer closing fully ends the guest's receive side.
+    // The host peer closing its socket ends both directions for the guest; the guest's RST
+    // completes the close.
     drop(peer);
     let (h, _) = g.recv();
-    assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+    assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV));
+    g.send(g.hdr(40000, 5000, OP_RST, 0), &[]);
+    // The connection is gone: data for it is answered with a RST.
+    g.send(g.hdr(40000, 5000, OP_RW, 1), b"z");
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (OP_RST, 40000));
 
     // Nobody listens on port 5001: RST.
     g.send(g.hdr(40001, 5001, OP_REQUEST, 0), &[]);
