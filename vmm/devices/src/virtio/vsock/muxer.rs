@@ -217,7 +217,6 @@ impl Muxer {
                     return;
                 }
             };
-            let mut readable = Vec::new();
             let mut accept = false;
             let mut pending_ready = Vec::new();
             for (target, revents) in ready {
@@ -239,15 +238,12 @@ impl Muxer {
                     Target::Listener => accept = true,
                     Target::Pending(i) => pending_ready.push(i),
                     Target::Conn(key) => {
+                        // Readable sockets are served by `process_rx` below, which tries every
+                        // connection that may send.
                         if revents.intersects(
                             PollFlags::POLLOUT | PollFlags::POLLHUP | PollFlags::POLLERR,
                         ) {
                             self.flush(key);
-                        }
-                        if revents
-                            .intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
-                        {
-                            readable.push(key);
                         }
                     }
                 }
