@@ -8,6 +8,7 @@
 //! type with `VIRTIO_BLK_S_UNSUPP`. The capacity is the file size rounded down to 512 bytes.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,7 +68,7 @@ pub enum BlockError {
         source: std::io::Error,
     },
     /// The backing file's size cannot be read.
-    #[error("reading the size of block backing file {path} failed")]
+    #[error("finding the size of block backing file {path} failed")]
     Metadata {
         /// The path.
         path: PathBuf,
@@ -111,13 +112,14 @@ impl Block {
                 read_only,
                 source,
             })?;
-        let len = file
-            .metadata()
+        // Seeking to the end sizes host block devices too, whose metadata length is 0; I/O uses
+        // explicit offsets, so the file position does not matter afterwards.
+        let len = (&file)
+            .seek(SeekFrom::End(0))
             .map_err(|source| BlockError::Metadata {
                 path: path.to_owned(),
                 source,
-            })?
-            .len();
+            })?;
         let capacity_bytes = len - len % SECTOR_SIZE;
         let mut id = [0u8; DEVICE_ID_LEN];
         for (dst, src) in id.iter_mut().zip(drive_id.bytes()) {
