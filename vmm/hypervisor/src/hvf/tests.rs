@@ -409,6 +409,63 @@ fn test_hvf_cpu_on_starts_a_parked_vcpu_thread() {
 }
 
 #[test]
+fn test_hvf_cpu_off_parks_and_a_second_cpu_on_restarts_from_reset_state() {
+    let (fake, vm) = new_vm(2);
+    fake.script(
+        mpidr_of(1),
+        vec![
+            // First start: turn the MMU on, then power off.
+            run(|s| {
+                assert_eq!(s.pc(), 0x8030_0000);
+                s.sys_regs.insert(HV_SYS_REG_SCTLR_EL1, 0x30d0_0801);
+                s.set_x(&[u64::from(psci::CPU_OFF)]);
+                hvc()
+            }),
+            // Second start: new entry and context, MMU off again.
+            run(|s| {
+                assert_eq!(s.pc(), 0x8040_0000);
+                assert_eq!(s.reg(HV_REG_X0), 2);
+                assert_eq!(s.sys_regs[&HV_SYS_REG_SCTLR_EL1], 0x30d0_0800);
+                // WFE only yields: PC moves on without any sleep.
+                exception(EC_WFX, 1, 0)
+            }),
+            run(|s| {
+                assert_eq!(s.pc(), 0x8040_0004);
+                s.set_x(&[u64::from(psci::SYSTEM_OFF)]);
+                hvc()
+            }),
+        ],
+    );
+    let secondary = {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            let mut vcpu = vm.create_hvf_vcpu(1, 2).unwrap();
+            vcpu.wfi_slice = Duration::from_secs(10);
+            let start = Instant::now();
+            let exit = matches!(vcpu.run().unwrap(), VmExit::Shutdown);
+            (exit, start.elapsed())
+        })
+    };
+    let power = vm.power.clone();
+    let on =
+        |entry: u64, context: u64| psci::PowerControl::cpu_on(&*power, mpidr_of(1), entry, context);
+    assert_eq!(on(0x8030_0000, 1), psci::PsciStatus::Success);
+    // Wait until the secondary has powered itself off again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while psci::PowerControl::affinity_info(&*power, mpidr_of(1)) != Some(psci::AffinityState::Off)
+        || fake.states.lock().get(&mpidr_of(1)).is_none()
+        || fake.state(mpidr_of(1)).lock().pc() != 0x8030_0000
+    {
+        assert!(Instant::now() < deadline, "secondary never powered off");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(on(0x8040_0000, 2), psci::PsciStatus::Success);
+    let (shutdown, elapsed) = secondary.join().unwrap();
+    assert!(shutdown);
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+}
+
+#[test]
 fn test_hvf_kick_interrupts_a_parked_vcpu_and_a_wfi_sleep() {
     let (fake, vm) = new_vm(1);
     let mut vcpu = vm.create_hvf_vcpu(0, 1).unwrap();
@@ -421,15 +478,21 @@ fn test_hvf_kick_interrupts_a_parked_vcpu_and_a_wfi_sleep() {
         })
     };
     let t = kick_later(kicker.clone());
+    // Kicked while parked or (on a slow host) before parking: either way run ends.
     assert!(matches!(vcpu.run().unwrap(), VmExit::Interrupted));
     t.join().unwrap();
     assert_eq!(*fake.exits_forced.lock(), vec![100]);
 
     // Sleeping in WFI with no timer: a kick ends the sleep and run; PC then moves past the WFI.
+    let in_wfi = Arc::new(AtomicBool::new(false));
+    let entered = in_wfi.clone();
     fake.script(
         mpidr_of(0),
         vec![
-            run(|_| wfi()),
+            run(move |_| {
+                entered.store(true, Ordering::SeqCst);
+                wfi()
+            }),
             run(|s| {
                 assert_eq!(s.pc(), ENTRY + 4);
                 s.set_x(&[u64::from(psci::SYSTEM_OFF)]);
@@ -443,7 +506,14 @@ fn test_hvf_kick_interrupts_a_parked_vcpu_and_a_wfi_sleep() {
     })
     .unwrap();
     vcpu.wfi_slice = Duration::from_secs(10);
-    let t = kick_later(kicker);
+    // Kick only once the guest has reached its WFI, so the kick ends the sleep itself.
+    let t = std::thread::spawn(move || {
+        while !in_wfi.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        kicker.kick();
+    });
     let start = Instant::now();
     assert!(matches!(vcpu.run().unwrap(), VmExit::Interrupted));
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -455,9 +525,12 @@ fn test_hvf_kick_interrupts_a_parked_vcpu_and_a_wfi_sleep() {
 fn test_hvf_wfi_sleeps_until_timer_deadline_or_interrupt() {
     let (fake, vm) = new_vm(1);
     let deadline_ns = Arc::new(AtomicU64::new(0));
+    let second_wfi_ns = Arc::new(AtomicU64::new(0));
     let woke = Arc::new(AtomicBool::new(false));
     let fake_for_script = fake.clone();
+    let fake_for_second = fake.clone();
     let d = deadline_ns.clone();
+    let second = second_wfi_ns.clone();
     fake.script(
         mpidr_of(0),
         vec![
@@ -470,7 +543,8 @@ fn test_hvf_wfi_sleeps_until_timer_deadline_or_interrupt() {
                 wfi()
             }),
             // Timer disabled: only an interrupt line wakes the vCPU.
-            run(|s| {
+            run(move |s| {
+                second.store(fake_for_second.ticks(), Ordering::SeqCst);
                 s.sys_regs.insert(HV_SYS_REG_CNTV_CTL_EL0, 0);
                 wfi()
             }),
@@ -502,15 +576,14 @@ fn test_hvf_wfi_sleeps_until_timer_deadline_or_interrupt() {
     let line = crate::Vm::interrupt_line(&*vm, 3).unwrap();
     let raiser = {
         let woke = woke.clone();
-        let fake = fake.clone();
-        let deadline_ns = deadline_ns.clone();
+        let second_wfi_ns = second_wfi_ns.clone();
         std::thread::spawn(move || {
-            // Raise the line once the vCPU is in its second (timer-less) WFI.
-            while deadline_ns.load(Ordering::SeqCst) == 0
-                || fake.ticks() < deadline_ns.load(Ordering::SeqCst) + 30_000_000
-            {
+            // Raise the line 30 ms into the second (timer-less) WFI: the guest has entered it
+            // once its script step ran, so the wake-up cannot come before the sleep.
+            while second_wfi_ns.load(Ordering::SeqCst) == 0 {
                 std::thread::sleep(Duration::from_millis(2));
             }
+            std::thread::sleep(Duration::from_millis(30));
             woke.store(true, Ordering::SeqCst);
             line.trigger().unwrap();
         })
@@ -520,7 +593,12 @@ fn test_hvf_wfi_sleeps_until_timer_deadline_or_interrupt() {
     let elapsed = start.elapsed();
     raiser.join().unwrap();
     assert!(woke.load(Ordering::SeqCst));
-    // 40 ms for the timer, then about 30 ms until the interrupt, and no 10 s slice anywhere.
+    // The first sleep lasted until the timer deadline.
+    assert!(
+        second_wfi_ns.load(Ordering::SeqCst) >= deadline_ns.load(Ordering::SeqCst),
+        "left the timer wait early"
+    );
+    // 40 ms for the timer, then 30 ms until the interrupt, and no 10 s slice anywhere.
     assert!(elapsed >= Duration::from_millis(70), "{elapsed:?}");
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
     assert_eq!(*fake.spis.lock(), vec![(35, true), (35, false)]);
