@@ -113,7 +113,11 @@ impl Cgroup {
     ///
     /// The directory cannot be made or a limit is refused by the kernel (the group is
     /// removed again).
-    pub fn create(root: &Path, id: &str, resources: Option<&Resources>) -> Result<Self, CgroupError> {
+    pub fn create(
+        root: &Path,
+        id: &str,
+        resources: Option<&Resources>,
+    ) -> Result<Self, CgroupError> {
         let path = root.join(id);
         fs::create_dir_all(&path).map_err(|source| CgroupError::Dir {
             op: "create",
@@ -121,30 +125,34 @@ impl Cgroup {
             source,
         })?;
         let cg = Self { path };
-        if let Some(r) = resources {
-            if let Err(e) = cg.apply(r) {
-                let _ = fs::remove_dir(&cg.path);
-                return Err(e);
-            }
+        if let Some(r) = resources
+            && let Err(e) = cg.apply(r)
+        {
+            let _ = fs::remove_dir(&cg.path);
+            return Err(e);
         }
         Ok(cg)
     }
 
     fn apply(&self, r: &Resources) -> Result<(), CgroupError> {
-        if let Some(m) = &r.memory {
-            if let Some(limit) = m.limit {
-                let v = if limit < 0 { "max".to_owned() } else { limit.to_string() };
-                write(self.path.join("memory.max"), &v)?;
-                if let Some(swap) = m.swap {
-                    // OCI's swap is memory + swap; cgroup v2 wants swap alone.
-                    let v = if swap < 0 {
-                        "max".to_owned()
-                    } else {
-                        swap.saturating_sub(limit.max(0)).to_string()
-                    };
-                    if self.path.join("memory.swap.max").exists() {
-                        write(self.path.join("memory.swap.max"), &v)?;
-                    }
+        if let Some(m) = &r.memory
+            && let Some(limit) = m.limit
+        {
+            let v = if limit < 0 {
+                "max".to_owned()
+            } else {
+                limit.to_string()
+            };
+            write(self.path.join("memory.max"), &v)?;
+            if let Some(swap) = m.swap {
+                // OCI's swap is memory + swap; cgroup v2 wants swap alone.
+                let v = if swap < 0 {
+                    "max".to_owned()
+                } else {
+                    swap.saturating_sub(limit.max(0)).to_string()
+                };
+                if self.path.join("memory.swap.max").exists() {
+                    write(self.path.join("memory.swap.max"), &v)?;
                 }
             }
         }
@@ -165,12 +173,15 @@ impl Cgroup {
             }
         }
         if let Some(p) = &r.pids {
-            let v = if p.limit > 0 { p.limit.to_string() } else { "max".to_owned() };
+            let v = if p.limit > 0 {
+                p.limit.to_string()
+            } else {
+                "max".to_owned()
+            };
             write(self.path.join("pids.max"), &v)?;
         }
         Ok(())
     }
-
 
     /// Moves a process into the group.
     ///
@@ -232,7 +243,10 @@ impl Cgroup {
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0)
         };
-        let memory_usage_bytes = read(self.path.join("memory.current"))?.trim().parse().unwrap_or(0);
+        let memory_usage_bytes = read(self.path.join("memory.current"))?
+            .trim()
+            .parse()
+            .unwrap_or(0);
         let cpu = fs::read_to_string(self.path.join("cpu.stat")).unwrap_or_default();
         let io = fs::read_to_string(self.path.join("io.stat")).unwrap_or_default();
         let (mut rb, mut wb) = (0u64, 0u64);

@@ -28,8 +28,8 @@ use nix::unistd::Pid;
 use squib_agent_protocol::agent::Stdio;
 
 use crate::cgroup::{Cgroup, CgroupError, Stats};
-use crate::helper::{HelperConfig, HelperMessage, HelperMode, CONFIG_FD, CONTROL_FD, HELPER_ARG};
-use crate::reaper::{lock, ExitCell, ExitInfo, Reaper};
+use crate::helper::{CONFIG_FD, CONTROL_FD, HELPER_ARG, HelperConfig, HelperMessage, HelperMode};
+use crate::reaper::{ExitCell, ExitInfo, Reaper, lock};
 use crate::spec::{self, NamespaceSet, SpecError};
 use crate::stdio::{Drain, PreparedIo, StdinControl, StdioError};
 use crate::streams::StreamRegistry;
@@ -251,19 +251,22 @@ impl Manager {
             })
     }
 
-    fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Proc>), ContainerError> {
+    fn process(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(Arc<Container>, Arc<Proc>), ContainerError> {
         let c = self.container(id)?;
         if exec_id.is_empty() {
             let p = c.init.clone();
             return Ok((c, p));
         }
-        let p = lock(&c.execs)
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| ContainerError::ProcessNotFound {
+        let p = lock(&c.execs).get(exec_id).cloned().ok_or_else(|| {
+            ContainerError::ProcessNotFound {
                 container_id: id.to_owned(),
                 exec_id: exec_id.to_owned(),
-            })?;
+            }
+        })?;
         Ok((c, p))
     }
 
@@ -300,8 +303,12 @@ impl Manager {
         };
         let cgroup = match &self.paths.cgroup_root {
             Some(root) => Some(
-                Cgroup::create(root, id, spec.linux.as_ref().and_then(|l| l.resources.as_ref()))
-                    .map_err(|e| cleanup_mounts(e.into()))?,
+                Cgroup::create(
+                    root,
+                    id,
+                    spec.linux.as_ref().and_then(|l| l.resources.as_ref()),
+                )
+                .map_err(|e| cleanup_mounts(e.into()))?,
             ),
             None => None,
         };
@@ -373,7 +380,11 @@ impl Manager {
             execs: Mutex::new(HashMap::new()),
         });
         lock(&self.containers).insert(id.to_owned(), c);
-        tracing::info!(container_id = id, pid = helper.pid.as_raw(), "container created");
+        tracing::info!(
+            container_id = id,
+            pid = helper.pid.as_raw(),
+            "container created"
+        );
         u32::try_from(helper.pid.as_raw()).map_err(|_| ContainerError::Helper {
             op: "read the pid of",
             source: Errno::EINVAL,
@@ -414,7 +425,13 @@ impl Manager {
                 tracing::info!(container_id = id, "container started");
                 Ok(())
             }
-            Some((HelperMessage::Failed { exit_status, message }, _)) => {
+            Some((
+                HelperMessage::Failed {
+                    exit_status,
+                    message,
+                },
+                _,
+            )) => {
                 c.init.exit.wait();
                 Err(ContainerError::StartFailed {
                     exit_status,
@@ -465,13 +482,20 @@ impl Manager {
             },
         };
         let pidns = c.namespaces.pid.then_some(c.init.pid);
-        let helper = self.spawn_helper(&config, CloneFlags::empty(), &io, pidns, c.cgroup.as_ref())?;
+        let helper =
+            self.spawn_helper(&config, CloneFlags::empty(), &io, pidns, c.cgroup.as_ref())?;
         let pty = match helper.wait_ready() {
             Ok((control, pty)) => {
                 // The exec helper does not wait for a start byte: end of file follows its exec.
                 match recv_message(&control)? {
                     None => pty,
-                    Some((HelperMessage::Failed { exit_status, message }, _)) => {
+                    Some((
+                        HelperMessage::Failed {
+                            exit_status,
+                            message,
+                        },
+                        _,
+                    )) => {
                         helper.exit.wait();
                         return Err(ContainerError::StartFailed {
                             exit_status,
@@ -503,7 +527,12 @@ impl Manager {
         });
         watch_exit(&p);
         lock(&c.execs).insert(exec_id.to_owned(), p);
-        tracing::debug!(container_id = id, exec_id, pid = helper.pid.as_raw(), "exec started");
+        tracing::debug!(
+            container_id = id,
+            exec_id,
+            pid = helper.pid.as_raw(),
+            "exec started"
+        );
         u32::try_from(helper.pid.as_raw()).map_err(|_| ContainerError::Helper {
             op: "read the pid of",
             source: Errno::EINVAL,
@@ -528,10 +557,12 @@ impl Manager {
         .map_err(helper_err("create the control socket of"))?;
         let (cfg_r, cfg_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(helper_err("create the config pipe of"))?;
-        let exe = CString::new(self.paths.helper_exe.as_os_str().as_encoded_bytes())
-            .map_err(|_| ContainerError::Helper {
-                op: "name",
-                source: Errno::EINVAL,
+        let exe =
+            CString::new(self.paths.helper_exe.as_os_str().as_encoded_bytes()).map_err(|_| {
+                ContainerError::Helper {
+                    op: "name",
+                    source: Errno::EINVAL,
+                }
             })?;
         let arg = CString::new(HELPER_ARG).map_err(|_| ContainerError::Helper {
             op: "name",
@@ -558,11 +589,7 @@ impl Manager {
         let (pid, exit) = if pidns_of.is_some() {
             // setns(CLONE_NEWPID) changes where the calling thread's children go, so do it on
             // a throw-away thread.
-            std::thread::scope(|s| {
-                s.spawn(clone_child)
-                    .join()
-                    .unwrap_or(Err(Errno::EAGAIN))
-            })
+            std::thread::scope(|s| s.spawn(clone_child).join().unwrap_or(Err(Errno::EAGAIN)))
         } else {
             clone_child()
         }
@@ -574,12 +601,12 @@ impl Manager {
             exit,
             control: agent_end,
         };
-        if let Some(cg) = cgroup {
-            if let Err(e) = cg.add(pid.as_raw()) {
-                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-                helper.exit.wait();
-                return Err(e.into());
-            }
+        if let Some(cg) = cgroup
+            && let Err(e) = cg.add(pid.as_raw())
+        {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            helper.exit.wait();
+            return Err(e.into());
         }
         let bytes = serde_json::to_vec(config).map_err(|_| ContainerError::Helper {
             op: "encode the config of",
@@ -598,7 +625,13 @@ impl Manager {
     /// # Errors
     ///
     /// [`ContainerError::Signal`] when kill(2) fails for the named process.
-    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), ContainerError> {
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
         let sig = i32::try_from(signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
@@ -647,7 +680,13 @@ impl Manager {
     /// # Errors
     ///
     /// [`ContainerError::NoTerminal`] or the ioctl's error.
-    pub fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), ContainerError> {
+    pub fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), ContainerError> {
         let (_, p) = self.process(id, exec_id)?;
         let pty = p.pty.as_ref().ok_or_else(|| ContainerError::NoTerminal {
             container_id: id.to_owned(),
@@ -697,14 +736,14 @@ impl Manager {
     /// Blocks until a container's cgroup records a new OOM kill; returns its id.
     pub fn next_oom(&self) -> String {
         loop {
-            let containers: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
+            let containers: Vec<Arc<Container>> =
+                lock(&self.containers).values().cloned().collect();
             for c in containers {
                 let Some(cg) = &c.cgroup else { continue };
                 let now = cg.oom_kills();
                 let seen = c.oom_seen.load(Ordering::SeqCst);
                 if now > seen
-                    && c
-                        .oom_seen
+                    && c.oom_seen
                         .compare_exchange(seen, now, Ordering::SeqCst, Ordering::SeqCst)
                         .is_ok()
                 {
@@ -740,7 +779,11 @@ impl Manager {
         for p in procs {
             let left = deadline.saturating_duration_since(Instant::now());
             if p.exit.wait_timeout(left).is_none() {
-                tracing::warn!(container_id = id, pid = p.pid.as_raw(), "process survived SIGKILL");
+                tracing::warn!(
+                    container_id = id,
+                    pid = p.pid.as_raw(),
+                    "process survived SIGKILL"
+                );
             }
         }
         unmount_rootfs(&c.dir);
@@ -768,17 +811,25 @@ struct Helper {
 impl Helper {
     /// Reads helper messages up to `Ready`; returns the control socket and the pty master.
     fn wait_ready(&self) -> Result<(OwnedFd, Option<OwnedFd>), ContainerError> {
-        let tv = nix::sys::time::TimeVal::new(
-            i64::try_from(SETUP_TIMEOUT.as_secs()).unwrap_or(60),
-            0,
+        let tv =
+            nix::sys::time::TimeVal::new(i64::try_from(SETUP_TIMEOUT.as_secs()).unwrap_or(60), 0);
+        let _ = nix::sys::socket::setsockopt(
+            &self.control,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &tv,
         );
-        let _ = nix::sys::socket::setsockopt(&self.control, nix::sys::socket::sockopt::ReceiveTimeout, &tv);
         let mut pty = None;
         loop {
             match recv_message(&self.control)? {
                 Some((HelperMessage::Pty, fd)) => pty = fd,
                 Some((HelperMessage::Ready, _)) => break,
-                Some((HelperMessage::Failed { exit_status, message }, _)) => {
+                Some((
+                    HelperMessage::Failed {
+                        exit_status,
+                        message,
+                    },
+                    _,
+                )) => {
                     return Err(ContainerError::StartFailed {
                         exit_status,
                         message,
@@ -797,14 +848,20 @@ impl Helper {
             }
         }
         let zero = nix::sys::time::TimeVal::new(0, 0);
-        let _ = nix::sys::socket::setsockopt(&self.control, nix::sys::socket::sockopt::ReceiveTimeout, &zero);
-        let control = self.control.try_clone().map_err(|e| ContainerError::Io(e))?;
+        let _ = nix::sys::socket::setsockopt(
+            &self.control,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &zero,
+        );
+        let control = self.control.try_clone().map_err(ContainerError::Io)?;
         Ok((control, pty))
     }
 }
 
 /// Receives one helper message (and a descriptor, if one came with it); `None` at end of file.
-fn recv_message(control: &OwnedFd) -> Result<Option<(HelperMessage, Option<OwnedFd>)>, ContainerError> {
+fn recv_message(
+    control: &OwnedFd,
+) -> Result<Option<(HelperMessage, Option<OwnedFd>)>, ContainerError> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let (len, fd) = loop {
@@ -935,7 +992,14 @@ fn mount_rootfs(dir: &Path, source: &str, fstype: &str) -> Result<PathBuf, Conta
     let fstype = if fstype.is_empty() { "ext4" } else { fstype };
     let result = (|| {
         if fstype == "bind" {
-            do_mount(source, Some(source), &lower, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+            do_mount(
+                source,
+                Some(source),
+                &lower,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )?;
             do_mount(
                 source,
                 None,
@@ -945,11 +1009,25 @@ fn mount_rootfs(dir: &Path, source: &str, fstype: &str) -> Result<PathBuf, Conta
                 None,
             )?;
         } else {
-            do_mount(source, Some(source), &lower, Some(fstype), MsFlags::MS_RDONLY, None)?;
+            do_mount(
+                source,
+                Some(source),
+                &lower,
+                Some(fstype),
+                MsFlags::MS_RDONLY,
+                None,
+            )?;
         }
         // The upper layer gets its own tmpfs so it never sits on a file system overlayfs
         // refuses as upper (such as another overlay).
-        do_mount("tmpfs", Some("tmpfs"), &rw, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))?;
+        do_mount(
+            "tmpfs",
+            Some("tmpfs"),
+            &rw,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )?;
         mkdirs(&rw.join("upper"))?;
         mkdirs(&rw.join("work"))?;
         let data = format!(
@@ -958,7 +1036,14 @@ fn mount_rootfs(dir: &Path, source: &str, fstype: &str) -> Result<PathBuf, Conta
             rw.join("upper").display(),
             rw.join("work").display()
         );
-        do_mount("overlay", Some("overlay"), &rootfs, Some("overlay"), MsFlags::empty(), Some(&data))
+        do_mount(
+            "overlay",
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(&data),
+        )
     })();
     if let Err(e) = result {
         unmount_rootfs(dir);

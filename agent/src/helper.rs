@@ -128,10 +128,14 @@ pub fn main() -> ! {
     let status = match run(&control) {
         Ok(never) => match never {},
         Err(f) => {
-            let _ = send(&control, &HelperMessage::Failed {
-                exit_status: f.exit_status,
-                message: f.message,
-            }, None);
+            let _ = send(
+                &control,
+                &HelperMessage::Failed {
+                    exit_status: f.exit_status,
+                    message: f.message,
+                },
+                None,
+            );
             f.exit_status
         }
     };
@@ -143,8 +147,11 @@ enum Never {}
 fn run(control: &OwnedFd) -> Result<Never, Failure> {
     close_other_fds();
     // The agent learns that the workload's execve succeeded from end of file on this socket.
-    nix::fcntl::fcntl(control, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-        .map_err(|e| Failure::errno("mark the control socket close-on-exec", e))?;
+    nix::fcntl::fcntl(
+        control,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| Failure::errno("mark the control socket close-on-exec", e))?;
     let config = read_config()?;
     let p = &config.process;
     let mut pty_master = None;
@@ -328,8 +335,8 @@ fn parse_mount_options(options: &[String]) -> MountOptions {
             "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
             "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
             "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
-            | "unbindable" | "runbindable" => {
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => {
                 let p = match o.trim_start_matches('r') {
                     "private" => MsFlags::MS_PRIVATE,
                     "shared" => MsFlags::MS_SHARED,
@@ -360,7 +367,13 @@ fn parse_mount_options(options: &[String]) -> MountOptions {
 }
 
 fn setup_root(rootfs: &Path, root: &RootSettings, ns: NamespaceSet) -> Result<(), Failure> {
-    mount(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
     if ns.net {
         crate::system::loopback_up().map_err(|e| Failure::new(format!("bring up lo: {e}")))?;
     }
@@ -372,9 +385,9 @@ fn setup_root(rootfs: &Path, root: &RootSettings, ns: NamespaceSet) -> Result<()
         let data = (!data.is_empty()).then_some(data.as_str());
         if m.kind == "bind" {
             let src = Path::new(&m.source);
-            let src_is_dir = fs::metadata(src).map(|md| md.is_dir()).map_err(|e| {
-                Failure::new(format!("bind mount source {}: {e}", src.display()))
-            })?;
+            let src_is_dir = fs::metadata(src)
+                .map(|md| md.is_dir())
+                .map_err(|e| Failure::new(format!("bind mount source {}: {e}", src.display())))?;
             create_mount_point(&dest, src_is_dir)?;
             let base = MsFlags::MS_BIND | (opts.flags & MsFlags::MS_REC);
             mount(Some(&m.source), &dest, None, base, None)?;
@@ -410,10 +423,10 @@ fn setup_root(rootfs: &Path, root: &RootSettings, ns: NamespaceSet) -> Result<()
     for d in &root.devices {
         make_device(rootfs, d)?;
     }
-    if ns.uts {
-        if let Some(h) = &root.hostname {
-            nix::unistd::sethostname(h).map_err(|e| Failure::errno("sethostname", e))?;
-        }
+    if ns.uts
+        && let Some(h) = &root.hostname
+    {
+        nix::unistd::sethostname(h).map_err(|e| Failure::errno("sethostname", e))?;
     }
     pivot_into(rootfs)?;
     for (key, value) in &root.sysctl {
@@ -440,8 +453,7 @@ fn setup_root(rootfs: &Path, root: &RootSettings, ns: NamespaceSet) -> Result<()
 
 fn create_mount_point(dest: &Path, dir: bool) -> Result<(), Failure> {
     if dir {
-        fs::create_dir_all(dest)
-            .map_err(|e| Failure::new(format!("mkdir {}: {e}", dest.display())))
+        fs::create_dir_all(dest).map_err(|e| Failure::new(format!("mkdir {}: {e}", dest.display())))
     } else {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)
@@ -512,8 +524,12 @@ fn make_device(rootfs: &Path, d: &crate::spec::DeviceSetting) -> Result<(), Fail
         .map_err(|e| Failure::errno(format!("mknod {}", d.path), e))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(d.mode & 0o7777))
         .map_err(|e| Failure::new(format!("chmod {}: {e}", d.path)))?;
-    nix::unistd::chown(&path, Some(Uid::from_raw(d.uid)), Some(Gid::from_raw(d.gid)))
-        .map_err(|e| Failure::errno(format!("chown {}", d.path), e))
+    nix::unistd::chown(
+        &path,
+        Some(Uid::from_raw(d.uid)),
+        Some(Gid::from_raw(d.gid)),
+    )
+    .map_err(|e| Failure::errno(format!("chown {}", d.path), e))
 }
 
 fn pivot_into(rootfs: &Path) -> Result<(), Failure> {
@@ -528,13 +544,9 @@ fn mask_path(p: &str) -> Result<(), Failure> {
     let path = Path::new(p);
     match fs::metadata(path) {
         Err(_) => Ok(()),
-        Ok(md) if md.is_dir() => mount(
-            Some("tmpfs"),
-            path,
-            Some("tmpfs"),
-            MsFlags::MS_RDONLY,
-            None,
-        ),
+        Ok(md) if md.is_dir() => {
+            mount(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_RDONLY, None)
+        }
         Ok(_) => mount(Some("/dev/null"), path, None, MsFlags::MS_BIND, None),
     }
 }
@@ -544,13 +556,23 @@ fn readonly_path(p: &str) -> Result<(), Failure> {
     if fs::symlink_metadata(path).is_err() {
         return Ok(());
     }
-    mount(Some(p), path, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    mount(
+        Some(p),
+        path,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     mount(
         None,
         path,
         None,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
         None,
     )
 }
@@ -578,7 +600,8 @@ fn join_namespaces(init_pid: i32, ns: NamespaceSet) -> Result<(), Failure> {
         opened.push((name, flag, f));
     }
     for (name, flag, f) in opened {
-        nix::sched::setns(f, flag).map_err(|e| Failure::errno(format!("join {name} namespace"), e))?;
+        nix::sched::setns(f, flag)
+            .map_err(|e| Failure::errno(format!("join {name} namespace"), e))?;
     }
     nix::unistd::chdir("/").map_err(|e| Failure::errno("chdir /", e))
 }
@@ -604,7 +627,10 @@ fn setup_pty(p: &ProcessSettings) -> Result<OwnedFd, Failure> {
     // SAFETY: TIOCSCTTY takes an integer argument; `slave` is an open tty descriptor.
     let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
     if rc < 0 {
-        return Err(Failure::errno("make the pty the controlling terminal", Errno::last()));
+        return Err(Failure::errno(
+            "make the pty the controlling terminal",
+            Errno::last(),
+        ));
     }
     for target in 0..3 {
         dup_onto(&slave, target)?;
@@ -629,9 +655,8 @@ fn prepare_cwd(p: &ProcessSettings) -> Result<(), Failure> {
             Ok(_) => {
                 return Err(Failure::new(format!("mkdir {}: not a directory", p.cwd)));
             }
-            Err(_) => fs::create_dir_all(cwd).map_err(|e| {
-                Failure::new(format!("mkdir {}: {}", p.cwd, io_text(&e)))
-            })?,
+            Err(_) => fs::create_dir_all(cwd)
+                .map_err(|e| Failure::new(format!("mkdir {}: {}", p.cwd, io_text(&e))))?,
         }
     }
     nix::unistd::chdir(cwd).map_err(|e| {
@@ -654,8 +679,11 @@ fn set_rlimit(resource: i32, soft: u64, hard: u64) -> Result<(), Failure> {
         rlim_cur: soft,
         rlim_max: hard,
     };
+    let res = resource
+        .try_into()
+        .map_err(|_| Failure::new(format!("rlimit type {resource} is out of range")))?;
     // SAFETY: setrlimit reads the struct we pass; the resource number was validated.
-    let rc = unsafe { libc::setrlimit(resource as _, &lim) };
+    let rc = unsafe { libc::setrlimit(res, &lim) };
     if rc < 0 {
         return Err(Failure::errno(
             format!("error setting rlimit type {resource}"),
@@ -682,7 +710,11 @@ fn switch_user(p: &ProcessSettings) -> Result<(), Failure> {
             }
         }
     }
-    let gids: Vec<Gid> = p.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+    let gids: Vec<Gid> = p
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
     nix::unistd::setgroups(&gids).map_err(|e| Failure::errno("setgroups", e))?;
     nix::unistd::setresgid(
         Gid::from_raw(p.gid),
@@ -740,9 +772,9 @@ fn resolve_executable(p: &ProcessSettings) -> Result<PathBuf, Failure> {
     if arg0.contains('/') {
         return match check_executable(Path::new(arg0)) {
             Ok(()) => Ok(PathBuf::from(arg0)),
-            Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Err(not_found(format!(
-                "stat {arg0}: no such file or directory"
-            ))),
+            Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => {
+                Err(not_found(format!("stat {arg0}: no such file or directory")))
+            }
             Err(Errno::EISDIR) => Err(not_executable("is a directory")),
             Err(e) => Err(not_executable(&errno_text(e))),
         };
@@ -829,7 +861,10 @@ mod tests {
         fs::create_dir_all(dir.join("real")).unwrap();
         std::os::unix::fs::symlink("/etc", dir.join("escape")).unwrap();
         std::os::unix::fs::symlink("../../real", dir.join("rel")).unwrap();
-        assert_eq!(resolve_in_root(&dir, "/escape/passwd"), dir.join("etc/passwd"));
+        assert_eq!(
+            resolve_in_root(&dir, "/escape/passwd"),
+            dir.join("etc/passwd")
+        );
         assert_eq!(resolve_in_root(&dir, "/rel/x"), dir.join("real/x"));
         assert_eq!(resolve_in_root(&dir, "/../../a/./b"), dir.join("a/b"));
         fs::remove_dir_all(&dir).unwrap();
@@ -845,8 +880,14 @@ mod tests {
             "rprivate".into(),
             "ro".into(),
         ]);
-        assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY);
-        assert_eq!(o.data, vec!["mode=1777".to_owned(), "size=65536k".to_owned()]);
+        assert_eq!(
+            o.flags,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY
+        );
+        assert_eq!(
+            o.data,
+            vec!["mode=1777".to_owned(), "size=65536k".to_owned()]
+        );
         assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
     }
 
@@ -868,13 +909,20 @@ mod tests {
             ..Default::default()
         };
         let f = resolve_executable(&p).unwrap_err();
-        assert_eq!((f.exit_status, f.message.as_str()), (126, r#"exec: "/etc": is a directory"#));
+        assert_eq!(
+            (f.exit_status, f.message.as_str()),
+            (126, r#"exec: "/etc": is a directory"#)
+        );
         let p = ProcessSettings {
             args: vec!["/no/such/cmd".into()],
             ..Default::default()
         };
         let f = resolve_executable(&p).unwrap_err();
         assert_eq!(f.exit_status, 127);
-        assert!(f.message.contains("no such file or directory"), "{}", f.message);
+        assert!(
+            f.message.contains("no such file or directory"),
+            "{}",
+            f.message
+        );
     }
 }

@@ -28,8 +28,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use squib_agent_protocol::{CONTROL_PORT, STREAM_PORT, agent_ttrpc};
 use squib_agent_protocol::ttrpc;
+use squib_agent_protocol::{CONTROL_PORT, STREAM_PORT, agent_ttrpc};
 
 use crate::container::{AgentPaths, Manager};
 use crate::streams::ListenAddr;
@@ -50,7 +50,9 @@ fn parse_addr(s: &str) -> anyhow::Result<ListenAddr> {
         return Ok(ListenAddr::Unix(PathBuf::from(p)));
     }
     if let Some(p) = s.strip_prefix("vsock:") {
-        return Ok(ListenAddr::Vsock(p.parse().with_context(|| format!("vsock port {p:?}"))?));
+        return Ok(ListenAddr::Vsock(
+            p.parse().with_context(|| format!("vsock port {p:?}"))?,
+        ));
     }
     bail!("address {s:?} must be unix:PATH or vsock:PORT")
 }

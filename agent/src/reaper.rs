@@ -195,11 +195,19 @@ mod tests {
         let pid = Pid::from_raw(5);
         assert_eq!(exit_status(WaitStatus::Exited(pid, 42)), Some(42));
         assert_eq!(
-            exit_status(WaitStatus::Signaled(pid, nix::sys::signal::Signal::SIGKILL, false)),
+            exit_status(WaitStatus::Signaled(
+                pid,
+                nix::sys::signal::Signal::SIGKILL,
+                false
+            )),
             Some(137)
         );
         assert_eq!(
-            exit_status(WaitStatus::Signaled(pid, nix::sys::signal::Signal::SIGTERM, true)),
+            exit_status(WaitStatus::Signaled(
+                pid,
+                nix::sys::signal::Signal::SIGTERM,
+                true
+            )),
             Some(143)
         );
         assert_eq!(exit_status(WaitStatus::StillAlive), None);

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
-use squib_agent_protocol::protobuf::Message;
 use squib_agent_protocol::agent::{self, ProcessStartFailure};
 use squib_agent_protocol::agent_ttrpc;
+use squib_agent_protocol::protobuf::Message;
 use ttrpc::{Code, TtrpcContext};
 
 use crate::container::{ContainerError, Manager};
@@ -121,8 +121,14 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(r)
     }
 
-    fn start_container(&self, _: &TtrpcContext, req: agent::StartContainerRequest) -> Res<agent::Empty> {
-        self.manager.start(&req.container_id).map_err(|e| status(&e))?;
+    fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: agent::StartContainerRequest,
+    ) -> Res<agent::Empty> {
+        self.manager
+            .start(&req.container_id)
+            .map_err(|e| status(&e))?;
         Ok(agent::Empty::new())
     }
 
@@ -133,14 +139,23 @@ impl agent_ttrpc::Agent for AgentService {
     ) -> Res<agent::ExecProcessResponse> {
         let pid = self
             .manager
-            .exec(&req.container_id, &req.exec_id, &req.oci_process_json, &req.stdio)
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.oci_process_json,
+                &req.stdio,
+            )
             .map_err(|e| status(&e))?;
         let mut r = agent::ExecProcessResponse::new();
         r.pid = pid;
         Ok(r)
     }
 
-    fn signal_process(&self, _: &TtrpcContext, req: agent::SignalProcessRequest) -> Res<agent::Empty> {
+    fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: agent::SignalProcessRequest,
+    ) -> Res<agent::Empty> {
         self.manager
             .signal(&req.container_id, &req.exec_id, req.signal, req.all)
             .map_err(|e| status(&e))?;
@@ -181,7 +196,10 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     fn stats(&self, _: &TtrpcContext, req: agent::ContainerRequest) -> Res<agent::StatsResponse> {
-        let s = self.manager.stats(&req.container_id).map_err(|e| status(&e))?;
+        let s = self
+            .manager
+            .stats(&req.container_id)
+            .map_err(|e| status(&e))?;
         let mut r = agent::StatsResponse::new();
         r.memory_usage_bytes = s.memory_usage_bytes;
         r.memory_limit_bytes = s.memory_limit_bytes;
@@ -197,12 +215,20 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     fn pause_container(&self, _: &TtrpcContext, req: agent::ContainerRequest) -> Res<agent::Empty> {
-        self.manager.freeze(&req.container_id, true).map_err(|e| status(&e))?;
+        self.manager
+            .freeze(&req.container_id, true)
+            .map_err(|e| status(&e))?;
         Ok(agent::Empty::new())
     }
 
-    fn resume_container(&self, _: &TtrpcContext, req: agent::ContainerRequest) -> Res<agent::Empty> {
-        self.manager.freeze(&req.container_id, false).map_err(|e| status(&e))?;
+    fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> Res<agent::Empty> {
+        self.manager
+            .freeze(&req.container_id, false)
+            .map_err(|e| status(&e))?;
         Ok(agent::Empty::new())
     }
 
@@ -212,18 +238,26 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(r)
     }
 
-    fn remove_container(&self, _: &TtrpcContext, req: agent::ContainerRequest) -> Res<agent::Empty> {
-        self.manager.remove(&req.container_id).map_err(|e| status(&e))?;
+    fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> Res<agent::Empty> {
+        self.manager
+            .remove(&req.container_id)
+            .map_err(|e| status(&e))?;
         Ok(agent::Empty::new())
     }
 
     fn shutdown(&self, _: &TtrpcContext, _: agent::ShutdownRequest) -> Res<agent::Empty> {
         let hook = self.shutdown.clone();
-        let spawned = std::thread::Builder::new().name("shutdown".into()).spawn(move || {
-            // Let the reply leave before the guest goes away.
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            hook();
-        });
+        let spawned = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                // Let the reply leave before the guest goes away.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                hook();
+            });
         if let Err(e) = spawned {
             return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
                 Code::INTERNAL,

@@ -676,7 +676,10 @@ mod tests {
     #[test]
     fn test_process_settings_rejects_relative_cwd() {
         let err = process_settings(&process(r#"{"args":["pwd"],"cwd":"tmp"}"#), true).unwrap_err();
-        assert!(err.to_string().contains("Cwd must be an absolute path"), "{err}");
+        assert!(
+            err.to_string().contains("Cwd must be an absolute path"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -686,13 +689,19 @@ mod tests {
             true,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("wrong rlimit value: RLIMIT_BOGUS"), "{err}");
+        assert!(
+            err.to_string().contains("wrong rlimit value: RLIMIT_BOGUS"),
+            "{err}"
+        );
         let err = process_settings(
             &process(r#"{"args":["true"],"cwd":"/","rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":4096}]}"#),
             true,
         )
         .unwrap_err();
-        assert!(matches!(err, SpecError::RlimitSoftAboveHard { .. }), "{err}");
+        assert!(
+            matches!(err, SpecError::RlimitSoftAboveHard { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -709,7 +718,9 @@ mod tests {
     #[test]
     fn test_process_settings_maps_capabilities() {
         let s = process_settings(
-            &process(r#"{"args":["x"],"cwd":"/","capabilities":{"bounding":["CAP_CHOWN","CAP_KILL"]}}"#),
+            &process(
+                r#"{"args":["x"],"cwd":"/","capabilities":{"bounding":["CAP_CHOWN","CAP_KILL"]}}"#,
+            ),
             true,
         )
         .unwrap();
@@ -724,13 +735,16 @@ mod tests {
 
     #[test]
     fn test_namespace_set_refuses_user_namespace() {
-        let spec = parse_spec(br#"{"linux":{"namespaces":[{"type":"pid"},{"type":"user"}]}}"#).unwrap();
+        let spec =
+            parse_spec(br#"{"linux":{"namespaces":[{"type":"pid"},{"type":"user"}]}}"#).unwrap();
         assert!(matches!(
             namespace_set(&spec),
             Err(SpecError::UnsupportedNamespace { .. })
         ));
-        let spec = parse_spec(br#"{"linux":{"namespaces":[{"type":"pid"},{"type":"mount"},{"type":"uts"}]}}"#)
-            .unwrap();
+        let spec = parse_spec(
+            br#"{"linux":{"namespaces":[{"type":"pid"},{"type":"mount"},{"type":"uts"}]}}"#,
+        )
+        .unwrap();
         let set = namespace_set(&spec).unwrap();
         assert!(set.pid && set.uts && !set.ipc && !set.net);
     }

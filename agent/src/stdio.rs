@@ -104,7 +104,9 @@ impl Drain {
     }
 
     fn exited_for(&self, d: Duration) -> bool {
-        lock(&self.state).exited_at.is_some_and(|t| t.elapsed() >= d)
+        lock(&self.state)
+            .exited_at
+            .is_some_and(|t| t.elapsed() >= d)
     }
 
     /// Blocks until every output copy reached end of file.
@@ -264,18 +266,19 @@ impl PreparedIo {
         }
         if let (Some(conn), Some(master)) = (terminal, pty_master) {
             let input = spawn_input(conn.try_clone()?, master.try_clone()?, true)?;
-            spawn_output(master.try_clone()?, conn, drain.clone(), Some(input.clone()))?;
+            spawn_output(
+                master.try_clone()?,
+                conn,
+                drain.clone(),
+                Some(input.clone()),
+            )?;
             control = Some(input);
         }
         Ok(control)
     }
 }
 
-fn spawn_input(
-    conn: Conn,
-    target: OwnedFd,
-    is_pty: bool,
-) -> std::io::Result<Arc<StdinControl>> {
+fn spawn_input(conn: Conn, target: OwnedFd, is_pty: bool) -> std::io::Result<Arc<StdinControl>> {
     let (wake_rx, wake_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let control = Arc::new(StdinControl {
         state: Mutex::new(StdinState::default()),

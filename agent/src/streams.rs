@@ -114,7 +114,11 @@ impl std::io::Read for Conn {
 impl std::io::Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         loop {
-            match nix::sys::socket::send(self.0.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_NOSIGNAL) {
+            match nix::sys::socket::send(
+                self.0.as_raw_fd(),
+                buf,
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            ) {
                 Err(Errno::EINTR) => continue,
                 r => return r.map_err(std::io::Error::from),
             }
@@ -244,13 +248,12 @@ pub fn serve(listener: OwnedFd, registry: Arc<StreamRegistry>) {
 }
 
 fn read_header(conn: &Conn) -> Option<String> {
-    let tv = nix::sys::time::TimeVal::new(
-        i64::try_from(HEADER_TIMEOUT.as_secs()).unwrap_or(10),
-        0,
-    );
+    let tv = nix::sys::time::TimeVal::new(i64::try_from(HEADER_TIMEOUT.as_secs()).unwrap_or(10), 0);
     let _ = nix::sys::socket::setsockopt(conn, nix::sys::socket::sockopt::ReceiveTimeout, &tv);
     let mut line = Vec::with_capacity(64);
-    let limit = squib_agent_protocol::STREAM_HEADER_KEYWORD.len() + 2 + squib_agent_protocol::MAX_STREAM_ID_LEN;
+    let limit = squib_agent_protocol::STREAM_HEADER_KEYWORD.len()
+        + 2
+        + squib_agent_protocol::MAX_STREAM_ID_LEN;
     let mut byte = [0u8; 1];
     loop {
         match nix::unistd::read(conn, &mut byte) {

@@ -78,8 +78,18 @@ pub fn mount_filesystems() -> Result<(), SystemError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("gid=5,mode=0620,ptmxmode=0666"),
     )?;
-    mount_fs("tmpfs", "/dev/shm", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mount_fs("tmpfs", "/run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     mount_fs("cgroup2", "/sys/fs/cgroup", nosuid_nodev_noexec, None)?;
     crate::cgroup::enable_controllers(Path::new("/sys/fs/cgroup"));
     let _ = fs::create_dir_all("/sys/fs/cgroup/squib");
@@ -95,7 +105,7 @@ pub fn root_is_initramfs() -> bool {
     nix::sys::statfs::statfs("/").is_ok_and(|s| {
         let t = s.filesystem_type();
         t == nix::sys::statfs::TMPFS_MAGIC
-            || i64::try_from(t.0).is_ok_and(|v| v == i64::from(RAMFS_MAGIC))
+            || u64::try_from(t.0).is_ok_and(|v| v == u64::from(RAMFS_MAGIC))
     })
 }
 
@@ -108,12 +118,18 @@ pub fn root_is_initramfs() -> bool {
 pub fn leave_initramfs(exe: &str) -> Result<std::convert::Infallible, SystemError> {
     let new_root = "/.squib-root";
     let _ = fs::create_dir_all(new_root);
-    nix::mount::mount(Some("tmpfs"), new_root, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-        .map_err(|source| SystemError::Mount {
-            fstype: "tmpfs",
-            target: "/.squib-root",
-            source,
-        })?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|source| SystemError::Mount {
+        fstype: "tmpfs",
+        target: "/.squib-root",
+        source,
+    })?;
     let target = format!("{new_root}/init");
     fs::copy(exe, &target).map_err(|source| SystemError::File {
         op: "copy the agent to",
@@ -146,7 +162,10 @@ pub fn leave_initramfs(exe: &str) -> Result<std::convert::Infallible, SystemErro
         op: "chroot into the new root",
         source,
     })?;
-    nix::unistd::chdir("/").map_err(|source| SystemError::Sys { op: "chdir /", source })?;
+    nix::unistd::chdir("/").map_err(|source| SystemError::Sys {
+        op: "chdir /",
+        source,
+    })?;
     let path = std::ffi::CString::new("/init").map_err(|_| SystemError::Sys {
         op: "name /init",
         source: Errno::EINVAL,
@@ -200,10 +219,10 @@ pub fn loopback_up() -> Result<(), SystemError> {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0".iter()) {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     // SAFETY: SIOCGIFFLAGS writes into the ifreq we own; the descriptor is a socket.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
         return Err(SystemError::Sys {
             op: "read the flags of lo",
             source: Errno::last(),
@@ -211,10 +230,10 @@ pub fn loopback_up() -> Result<(), SystemError> {
     }
     // SAFETY: after SIOCGIFFLAGS the union holds ifru_flags.
     unsafe {
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        req.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
     }
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
         return Err(SystemError::Sys {
             op: "bring lo up",
             source: Errno::last(),
@@ -239,7 +258,11 @@ pub fn load_modules() -> Result<usize, SystemError> {
         return Ok(0);
     };
     let mut n = 0;
-    for line in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let path = dir.join(line);
         let f = fs::File::open(&path).map_err(|source| SystemError::File {
             op: "open module",

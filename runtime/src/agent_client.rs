@@ -174,12 +174,12 @@ impl AgentEndpoint {
                 } else {
                     streams
                 };
-                let s = UnixStream::connect(path)
-                    .await
-                    .map_err(|source| AgentClientError::Connect {
+                let s = UnixStream::connect(path).await.map_err(|source| {
+                    AgentClientError::Connect {
                         path: path.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 Ok(Box::new(s))
             }
         }
@@ -192,12 +192,13 @@ impl AgentEndpoint {
 ///
 /// [`AgentClientError::Connect`] or [`AgentClientError::Handshake`].
 pub async fn hybrid_connect(uds_path: &Path, port: u32) -> Result<UnixStream, AgentClientError> {
-    let mut s = UnixStream::connect(uds_path)
-        .await
-        .map_err(|source| AgentClientError::Connect {
-            path: uds_path.to_owned(),
-            source,
-        })?;
+    let mut s =
+        UnixStream::connect(uds_path)
+            .await
+            .map_err(|source| AgentClientError::Connect {
+                path: uds_path.to_owned(),
+                source,
+            })?;
     let handshake_err = |reply: String| AgentClientError::Handshake {
         path: uds_path.to_owned(),
         port,
@@ -344,22 +345,14 @@ fn map_err(op: &'static str, e: ttrpc::Error) -> AgentClientError {
                 .details
                 .iter()
                 .find(|d| d.type_url == squib_agent_protocol::PROCESS_START_FAILURE_TYPE_URL)
+                && let Ok(f) = ProcessStartFailure::parse_from_bytes(&d.value)
             {
-                if let Ok(f) = ProcessStartFailure::parse_from_bytes(&d.value) {
-                    return AgentClientError::StartFailed {
-                        exit_status: f.exit_status,
-                        message: f.message,
-                    };
-                }
-            }
-            let code = st.code();
-            if code == ttrpc::Code::DEADLINE_EXCEEDED {
-                return AgentClientError::Rpc {
-                    op,
-                    code,
-                    message: st.message,
+                return AgentClientError::StartFailed {
+                    exit_status: f.exit_status,
+                    message: f.message,
                 };
             }
+            let code = st.code();
             AgentClientError::Rpc {
                 op,
                 code,
@@ -397,7 +390,10 @@ impl AgentClient {
     /// # Errors
     ///
     /// The last connection error, or [`AgentClientError::Timeout`].
-    pub async fn connect(endpoint: AgentEndpoint, deadline: Duration) -> Result<Self, AgentClientError> {
+    pub async fn connect(
+        endpoint: AgentEndpoint,
+        deadline: Duration,
+    ) -> Result<Self, AgentClientError> {
         let start = tokio::time::Instant::now();
         let stream = loop {
             match endpoint.dial(squib_agent_protocol::CONTROL_PORT).await {
@@ -409,7 +405,9 @@ impl AgentClient {
                 }
             }
         };
-        let raw = RawClient::new(ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream)));
+        let raw = RawClient::new(ttrpc::r#async::Client::new(
+            ttrpc::r#async::transport::Socket::new(stream),
+        ));
         let c = Self {
             endpoint,
             raw,
@@ -439,7 +437,10 @@ impl AgentClient {
 
     async fn open_stream(&self, id: &str) -> Result<BoxStream, AgentClientError> {
         let header = squib_agent_protocol::stream_header(id)?;
-        let mut s = self.endpoint.dial(squib_agent_protocol::STREAM_PORT).await?;
+        let mut s = self
+            .endpoint
+            .dial(squib_agent_protocol::STREAM_PORT)
+            .await?;
         s.write_all(header.as_bytes())
             .await
             .map_err(|source| AgentClientError::OpenStream {
@@ -695,7 +696,10 @@ impl AgentClient {
     /// # Errors
     ///
     /// Unknown container or no cgroup.
-    pub async fn stats(&self, container_id: &str) -> Result<agent::StatsResponse, AgentClientError> {
+    pub async fn stats(
+        &self,
+        container_id: &str,
+    ) -> Result<agent::StatsResponse, AgentClientError> {
         let mut m = agent::ContainerRequest::new();
         m.container_id = container_id.to_owned();
         let t = Some(self.call_timeout);
@@ -734,7 +738,12 @@ impl AgentClient {
     ///
     /// Transport errors.
     pub async fn next_oom_event(&self) -> Result<String, AgentClientError> {
-        let r = within("get oom event", None, self.raw.get_oom_event(ctx(None), &agent::Empty::new())).await?;
+        let r = within(
+            "get oom event",
+            None,
+            self.raw.get_oom_event(ctx(None), &agent::Empty::new()),
+        )
+        .await?;
         Ok(r.container_id)
     }
 
@@ -758,7 +767,12 @@ impl AgentClient {
     /// Transport errors.
     pub async fn shutdown(&self) -> Result<(), AgentClientError> {
         let t = Some(self.call_timeout);
-        within("shutdown", t, self.raw.shutdown(ctx(t), &agent::ShutdownRequest::new())).await?;
+        within(
+            "shutdown",
+            t,
+            self.raw.shutdown(ctx(t), &agent::ShutdownRequest::new()),
+        )
+        .await?;
         Ok(())
     }
 }
@@ -797,7 +811,9 @@ impl ProcessIo {
     ///
     /// Wait or copy failures.
     pub async fn wait(&mut self, client: &AgentClient) -> Result<i32, AgentClientError> {
-        let r = client.wait_process(&self.container_id, &self.exec_id).await?;
+        let r = client
+            .wait_process(&self.container_id, &self.exec_id)
+            .await?;
         self.wait_output().await?;
         Ok(r.exit_status)
     }
@@ -913,6 +929,12 @@ mod tests {
             "stats",
             ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "nope")),
         );
-        assert!(matches!(e, AgentClientError::Rpc { code: ttrpc::Code::NOT_FOUND, .. }));
+        assert!(matches!(
+            e,
+            AgentClientError::Rpc {
+                code: ttrpc::Code::NOT_FOUND,
+                ..
+            }
+        ));
     }
 }

@@ -11,405 +11,707 @@
 //! SQUIB_AGENT_INITRAMFS or `${SQUIB_CACHE:-$HOME/.cache/squib}/guest/initramfs` (`make
 //! guest-image`), busybox-static and mkfs.ext4 for the container's root.
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+    use std::path::{Path, PathBuf};
+    use std::pin::Pin;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use sha2::Digest;
-use squib_runtime::agent_client::{AgentClient, AgentEndpoint, CreateContainer, StdioConfig};
-use squib_tests::vm_env;
-use tokio::io::AsyncWrite;
+    use serde_json::{Value, json};
+    use sha2::Digest;
+    use squib_runtime::agent_client::{AgentClient, AgentEndpoint, CreateContainer, StdioConfig};
+    use squib_tests::vm_env;
+    use tokio::io::AsyncWrite;
 
-/// Everything inside the nested guest is slow; this bounds one case.
-const CASE_TIMEOUT: Duration = Duration::from_secs(300);
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+    /// Everything inside the nested guest is slow; this bounds one case.
+    const CASE_TIMEOUT: Duration = Duration::from_secs(300);
+    const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn agent_initramfs() -> PathBuf {
-    if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("SQUIB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/squib"));
-    cache.join("guest/initramfs")
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let base = vm_env::results_dir().unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("agent-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-struct Guest {
-    child: Child,
-    console: PathBuf,
-    client: AgentClient,
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn console_tail(path: &Path) -> String {
-    let log = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
-}
-
-async fn boot_qemu(dir: &Path, rootfs_image: &Path) -> Guest {
-    let kernel = vm_env::test_kernel().unwrap();
-    let initramfs = agent_initramfs();
-    assert!(initramfs.is_file(), "no agent initramfs at {}: run `make guest-image`", initramfs.display());
-    let console = dir.join("console.log");
-    // vhost-vsock CIDs are global to the host; derive one from our pid.
-    let cid = 3 + std::process::id() % 1_000_000;
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", "512", "-smp", "2"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1 squib.log=debug"])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=none,id=disk0,readonly=on", rootfs_image.display()))
-        .args(["-device", "virtio-blk-device,drive=disk0"])
-        .args(["-device", "virtio-rng-device"])
-        .arg("-device")
-        .arg(format!("vhost-vsock-device,guest-cid={cid}"))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let client = AgentClient::connect(AgentEndpoint::Vsock { cid }, BOOT_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("agent not reachable: {e}; console:\n{}", console_tail(&console)));
-    eprintln!("agent answered {:?} after QEMU started", started.elapsed());
-    Guest { child, console, client }
-}
-
-fn base_spec(args: &[&str]) -> Value {
-    let caps = json!([
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-        "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"
-    ]);
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-            "cwd": "/",
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
-        },
-        "root": {"path": "rootfs", "readonly": false},
-        "hostname": "squib-test",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                           {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/sys"]
+    fn agent_initramfs() -> PathBuf {
+        if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
+            return PathBuf::from(p);
         }
-    })
-}
-
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Sink {
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
+        let cache = std::env::var_os("SQUIB_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/squib")
+            });
+        cache.join("guest/initramfs")
     }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes()).into_owned()
+
+    fn repo_root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
     }
-}
 
-impl AsyncWrite for Sink {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+    fn scratch_dir(name: &str) -> PathBuf {
+        let base = vm_env::results_dir().unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+
+    struct Guest {
+        child: Child,
+        console: PathBuf,
+        client: AgentClient,
+        /// Removed when the guest is dropped (the hybrid vsock socket's directory).
+        sock_dir: Option<PathBuf>,
     }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
 
-fn io(stdin: Option<Vec<u8>>, out: &Sink, err: &Sink, terminal: bool) -> StdioConfig {
-    StdioConfig {
-        stdin: stdin.map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        stdout: Some(Box::new(out.clone())),
-        stderr: (!terminal).then(|| Box::new(err.clone()) as Box<dyn AsyncWrite + Send + Unpin>),
-        terminal,
-    }
-}
-
-fn req(id: &str, spec: &Value) -> CreateContainer {
-    CreateContainer {
-        container_id: id.to_owned(),
-        oci_spec_json: serde_json::to_vec(spec).unwrap(),
-        rootfs_source: "/dev/vda".to_owned(),
-        rootfs_fstype: "ext4".to_owned(),
-    }
-}
-
-type CaseResult = Result<(), String>;
-
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)*) => {
-        if !$cond {
-            return Err(format!($($fmt)*));
-        }
-    };
-}
-
-struct Ran {
-    status: i32,
-    out: Sink,
-    err: Sink,
-}
-
-async fn run(c: &AgentClient, id: &str, spec: &Value, stdin: Option<Vec<u8>>) -> Result<Ran, String> {
-    let (out, err) = (Sink::default(), Sink::default());
-    let (_, mut pio) = c
-        .create_container(&req(id, spec), io(stdin, &out, &err, false))
-        .await
-        .map_err(|e| format!("create {id}: {e}"))?;
-    c.start_container(id).await.map_err(|e| format!("start {id}: {e}"))?;
-    let status = pio.wait(c).await.map_err(|e| format!("wait {id}: {e}"))?;
-    c.remove_container(id).await.map_err(|e| format!("remove {id}: {e}"))?;
-    Ok(Ran { status, out, err })
-}
-
-async fn case_echo(c: &AgentClient) -> CaseResult {
-    let r = run(c, "echo", &base_spec(&["echo", "hello"]), None).await?;
-    check!(r.status == 0 && r.out.text() == "hello\n" && r.err.text().is_empty(),
-        "status {} out {:?} err {:?}", r.status, r.out.text(), r.err.text());
-    Ok(())
-}
-
-async fn case_exit_42(c: &AgentClient) -> CaseResult {
-    let r = run(c, "exit42", &base_spec(&["sh", "-c", "exit 42"]), None).await?;
-    check!(r.status == 42, "status {}", r.status);
-    Ok(())
-}
-
-async fn case_stderr_separate(c: &AgentClient) -> CaseResult {
-    let r = run(c, "split", &base_spec(&["sh", "-c", "echo to-out; echo to-err >&2"]), None).await?;
-    check!(r.out.text() == "to-out\n" && r.err.text() == "to-err\n",
-        "out {:?} err {:?}", r.out.text(), r.err.text());
-    Ok(())
-}
-
-async fn case_100mib_stdout(c: &AgentClient) -> CaseResult {
-    const LEN: usize = 100 * 1024 * 1024;
-    let line = b"abcdefghijklmnopqrstuvwxyz0123456789\n";
-    let expected: Vec<u8> = line.iter().copied().cycle().take(LEN).collect();
-    let started = Instant::now();
-    let r = run(
-        c,
-        "big",
-        &base_spec(&["sh", "-c", &format!("yes abcdefghijklmnopqrstuvwxyz0123456789 | head -c {LEN}")]),
-        None,
-    )
-    .await?;
-    let out = r.out.bytes();
-    eprintln!("100 MiB of stdout took {:?}", started.elapsed());
-    check!(r.status == 0, "status {}", r.status);
-    check!(out.len() == LEN, "got {} bytes", out.len());
-    let (got, want) = (sha2::Sha256::digest(&out), sha2::Sha256::digest(&expected));
-    check!(got == want, "sha256 {got:x} != {want:x}");
-    Ok(())
-}
-
-async fn case_stdin_eof(c: &AgentClient) -> CaseResult {
-    let r = run(c, "cat", &base_spec(&["cat"]), Some(b"hello\n".to_vec())).await?;
-    check!(r.status == 0 && r.out.text() == "hello\n", "status {} out {:?}", r.status, r.out.text());
-    let r = run(c, "wc", &base_spec(&["sh", "-c", "wc -l; echo after-eof"]), Some(b"a\nb\nc\n".to_vec())).await?;
-    let words: Vec<String> = r.out.text().split_whitespace().map(str::to_owned).collect();
-    check!(words == ["3", "after-eof"], "out {:?}", r.out.text());
-    Ok(())
-}
-
-async fn case_terminal_resize(c: &AgentClient) -> CaseResult {
-    let (out, err) = (Sink::default(), Sink::default());
-    let mut spec = base_spec(&["sh", "-c", "tty; stty size; echo waiting; sleep 3; stty size; exit 5"]);
-    spec["process"]["terminal"] = json!(true);
-    spec["process"]["consoleSize"] = json!({"height": 40, "width": 120});
-    let (_, mut pio) = c.create_container(&req("tty", &spec), io(Some(Vec::new()), &out, &err, true))
-        .await.map_err(|e| e.to_string())?;
-    c.start_container("tty").await.map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !out.text().contains("waiting") {
-        check!(Instant::now() < deadline, "no 'waiting' line: {:?}", out.text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    c.resize_pty("tty", "", 50, 200).await.map_err(|e| e.to_string())?;
-    let status = pio.wait(c).await.map_err(|e| e.to_string())?;
-    c.remove_container("tty").await.map_err(|e| e.to_string())?;
-    check!(status == 5 && out.text() == "/dev/pts/0\r\n40 120\r\nwaiting\r\n50 200\r\n",
-        "status {status} out {:?}", out.text());
-    Ok(())
-}
-
-async fn case_spec_fields(c: &AgentClient) -> CaseResult {
-    let mut spec = base_spec(&["sh", "-c", "echo \"$A\"; pwd; id; hostname; ulimit -n"]);
-    spec["process"]["env"] = json!(["PATH=/bin", "A=b=c"]);
-    spec["process"]["cwd"] = json!("/does/not/exist");
-    spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
-    spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 2048}]);
-    let r = run(c, "spec", &spec, None).await?;
-    let want = "b=c\n/does/not/exist\nuid=1000(user) gid=1000(user) groups=1000(user)\nsquib-test\n2048\n";
-    check!(r.status == 0 && r.out.text() == want, "status {} out {:?} err {:?}", r.status, r.out.text(), r.err.text());
-    Ok(())
-}
-
-async fn case_exec(c: &AgentClient) -> CaseResult {
-    let (out, err) = (Sink::default(), Sink::default());
-    let (_, mut init) = c.create_container(&req("sleeper", &base_spec(&["sleep", "600"])), io(None, &out, &err, false))
-        .await.map_err(|e| e.to_string())?;
-    c.start_container("sleeper").await.map_err(|e| e.to_string())?;
-    let proc_json = |args: &[&str]| serde_json::to_vec(&json!({"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}})).unwrap();
-    let (eo, ee) = (Sink::default(), Sink::default());
-    let (_, mut e1) = c.exec_process("sleeper", "e1", &proc_json(&["sh", "-c", "cat /proc/1/cmdline; exit 3"]), io(None, &eo, &ee, false))
-        .await.map_err(|e| e.to_string())?;
-    let s1 = e1.wait(c).await.map_err(|e| e.to_string())?;
-    let (_, mut e2) = c.exec_process("sleeper", "k9", &proc_json(&["sh", "-c", "kill -9 $$"]), io(None, &eo, &ee, false))
-        .await.map_err(|e| e.to_string())?;
-    let s2 = e2.wait(c).await.map_err(|e| e.to_string())?;
-    let stats = c.stats("sleeper").await.map_err(|e| format!("stats: {e}"))?;
-    c.pause_container("sleeper").await.map_err(|e| format!("pause: {e}"))?;
-    c.resume_container("sleeper").await.map_err(|e| format!("resume: {e}"))?;
-    c.signal_process("sleeper", "", 9, false).await.map_err(|e| e.to_string())?;
-    let s0 = init.wait(c).await.map_err(|e| e.to_string())?;
-    c.remove_container("sleeper").await.map_err(|e| e.to_string())?;
-    check!(s1 == 3 && eo.text() == "sleep\0600\0", "exec status {s1} out {:?}", eo.text());
-    check!(s2 == 137, "kill -9 $$ in an exec gave {s2}");
-    check!(s0 == 137, "SIGKILL of init gave {s0}");
-    check!(stats.memory_usage_bytes > 0 && stats.pids_current >= 1, "stats {stats:?}");
-    Ok(())
-}
-
-async fn case_sigterm_trap(c: &AgentClient) -> CaseResult {
-    let (out, err) = (Sink::default(), Sink::default());
-    let spec = base_spec(&["sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 1; done"]);
-    let (_, mut pio) = c.create_container(&req("trap", &spec), io(None, &out, &err, false)).await.map_err(|e| e.to_string())?;
-    c.start_container("trap").await.map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !out.text().contains("ready") {
-        check!(Instant::now() < deadline, "no 'ready' line");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    c.signal_process("trap", "", 15, false).await.map_err(|e| e.to_string())?;
-    let status = pio.wait(c).await.map_err(|e| e.to_string())?;
-    c.remove_container("trap").await.map_err(|e| e.to_string())?;
-    check!(status == 7 && out.text() == "ready\ngot TERM\n", "status {status} out {:?}", out.text());
-    Ok(())
-}
-
-async fn case_zombies(c: &AgentClient) -> CaseResult {
-    // No PID namespace: the orphans re-parent to the agent (the guest's PID 1).
-    let mut spec = base_spec(&[
-        "sh", "-c",
-        "(for i in $(seq 50); do sleep 1 & done); sleep 4; n=0; for s in /proc/[0-9]*/stat; do case \"$(cut -d' ' -f3 $s 2>/dev/null)\" in Z) n=$((n+1));; esac; done; echo zombies=$n",
-    ]);
-    spec["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]);
-    let r = run(c, "zombies", &spec, None).await?;
-    check!(r.status == 0 && r.out.text() == "zombies=0\n", "status {} out {:?} err {:?}", r.status, r.out.text(), r.err.text());
-    Ok(())
-}
-
-async fn case_missing_binary(c: &AgentClient) -> CaseResult {
-    let err = match c.create_container(&req("nx", &base_spec(&["nonexistent"])), StdioConfig::default()).await {
-        Ok(_) => return Err("create of a missing binary succeeded".into()),
-        Err(e) => e,
-    };
-    check!(err.start_exit_status() == Some(127), "status {:?}: {err}", err.start_exit_status());
-    check!(err.to_string() == r#"exec: "nonexistent": executable file not found in $PATH"#, "message {err}");
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn test_agent_runs_containers_in_a_qemu_microvm_guest() {
-    let dir = scratch_dir("qemu");
-    let image = dir.join("rootfs.ext4");
-    let st = Command::new(repo_root().join("guest-image/mktest-rootfs"))
-        .arg(dir.join("rootfs"))
-        .arg(&image)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let guest = boot_qemu(&dir, &image).await;
-    let c = &guest.client;
-    let mut report = String::new();
-    let mut failed = Vec::new();
-    macro_rules! case {
-        ($name:literal, $f:expr) => {{
-            let started = Instant::now();
-            let r = match tokio::time::timeout(CASE_TIMEOUT, $f).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("timed out after {CASE_TIMEOUT:?}")),
-            };
-            let _ = writeln!(report, "{:<24} {:>8.1?} {}", $name, started.elapsed(),
-                match &r { Ok(()) => "ok".to_owned(), Err(e) => format!("FAILED: {e}") });
-            if r.is_err() {
-                failed.push($name);
+    impl Drop for Guest {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id().cast_signed()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = self.child.wait();
+            if let Some(d) = &self.sock_dir {
+                let _ = std::fs::remove_dir_all(d);
             }
-        }};
+        }
     }
-    case!("echo", case_echo(c));
-    case!("exit_42", case_exit_42(c));
-    case!("stderr_separate", case_stderr_separate(c));
-    case!("stdin_eof", case_stdin_eof(c));
-    case!("terminal_resize", case_terminal_resize(c));
-    case!("spec_fields", case_spec_fields(c));
-    case!("exec_stats_pause", case_exec(c));
-    case!("sigterm_trap", case_sigterm_trap(c));
-    case!("zombies_reaped", case_zombies(c));
-    case!("missing_binary", case_missing_binary(c));
-    case!("stdout_100mib", case_100mib_stdout(c));
-    eprintln!("agent VM cases (QEMU microvm, vhost-vsock):\n{report}");
-    let console = guest.console.clone();
-    drop(guest);
-    assert!(failed.is_empty(), "failed cases {failed:?}:\n{report}\nconsole tail:\n{}", console_tail(&console));
-    let _ = std::fs::remove_dir_all(&dir);
+
+    fn console_tail(path: &Path) -> String {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    async fn boot_qemu(dir: &Path, rootfs_image: &Path) -> Guest {
+        let kernel = vm_env::test_kernel().unwrap();
+        let initramfs = agent_initramfs();
+        assert!(
+            initramfs.is_file(),
+            "no agent initramfs at {}: run `make guest-image`",
+            initramfs.display()
+        );
+        let console = dir.join("console.log");
+        // vhost-vsock CIDs are global to the host; derive one from our pid.
+        let cid = 3 + std::process::id() % 1_000_000;
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm,acpi=off",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "512",
+                "-smp",
+                "2",
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initramfs)
+            .args(["-append", "console=ttyS0 reboot=t panic=-1 squib.log=debug"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=disk0,readonly=on",
+                rootfs_image.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=disk0"])
+            .args(["-device", "virtio-rng-device"])
+            .arg("-device")
+            .arg(format!("vhost-vsock-device,guest-cid={cid}"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let client = AgentClient::connect(AgentEndpoint::Vsock { cid }, BOOT_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "agent not reachable: {e}; console:\n{}",
+                    console_tail(&console)
+                )
+            });
+        eprintln!("agent answered {:?} after QEMU started", started.elapsed());
+        Guest {
+            child,
+            console,
+            client,
+            sock_dir: None,
+        }
+    }
+
+    fn base_spec(args: &[&str]) -> Value {
+        let caps = json!([
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_FSETID",
+            "CAP_FOWNER",
+            "CAP_MKNOD",
+            "CAP_NET_RAW",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SETFCAP",
+            "CAP_SETPCAP",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_SYS_CHROOT",
+            "CAP_KILL",
+            "CAP_AUDIT_WRITE"
+        ]);
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": args,
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+                "cwd": "/",
+                "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                "noNewPrivileges": true
+            },
+            "root": {"path": "rootfs", "readonly": false},
+            "hostname": "squib-test",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                 "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+            ],
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                               {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+                "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+                "readonlyPaths": ["/proc/bus", "/proc/sys"]
+            }
+        })
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Sink {
+        fn bytes(&self) -> Vec<u8> {
+            self.0.lock().unwrap().clone()
+        }
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.bytes()).into_owned()
+        }
+    }
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn io(stdin: Option<Vec<u8>>, out: &Sink, err: &Sink, terminal: bool) -> StdioConfig {
+        StdioConfig {
+            stdin: stdin.map(|b| {
+                Box::new(std::io::Cursor::new(b)) as Box<dyn tokio::io::AsyncRead + Send + Unpin>
+            }),
+            stdout: Some(Box::new(out.clone())),
+            stderr: (!terminal)
+                .then(|| Box::new(err.clone()) as Box<dyn AsyncWrite + Send + Unpin>),
+            terminal,
+        }
+    }
+
+    fn req(id: &str, spec: &Value) -> CreateContainer {
+        CreateContainer {
+            container_id: id.to_owned(),
+            oci_spec_json: serde_json::to_vec(spec).unwrap(),
+            rootfs_source: "/dev/vda".to_owned(),
+            rootfs_fstype: "ext4".to_owned(),
+        }
+    }
+
+    type CaseResult = Result<(), String>;
+
+    macro_rules! check {
+        ($cond:expr, $($fmt:tt)*) => {
+            if !$cond {
+                return Err(format!($($fmt)*));
+            }
+        };
+    }
+
+    struct Ran {
+        status: i32,
+        out: Sink,
+        err: Sink,
+    }
+
+    async fn run(
+        c: &AgentClient,
+        id: &str,
+        spec: &Value,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<Ran, String> {
+        let (out, err) = (Sink::default(), Sink::default());
+        let (_, mut pio) = c
+            .create_container(&req(id, spec), io(stdin, &out, &err, false))
+            .await
+            .map_err(|e| format!("create {id}: {e}"))?;
+        c.start_container(id)
+            .await
+            .map_err(|e| format!("start {id}: {e}"))?;
+        let status = pio.wait(c).await.map_err(|e| format!("wait {id}: {e}"))?;
+        c.remove_container(id)
+            .await
+            .map_err(|e| format!("remove {id}: {e}"))?;
+        Ok(Ran { status, out, err })
+    }
+
+    async fn case_echo(c: &AgentClient) -> CaseResult {
+        let r = run(c, "echo", &base_spec(&["echo", "hello"]), None).await?;
+        check!(
+            r.status == 0 && r.out.text() == "hello\n" && r.err.text().is_empty(),
+            "status {} out {:?} err {:?}",
+            r.status,
+            r.out.text(),
+            r.err.text()
+        );
+        Ok(())
+    }
+
+    async fn case_exit_42(c: &AgentClient) -> CaseResult {
+        let r = run(c, "exit42", &base_spec(&["sh", "-c", "exit 42"]), None).await?;
+        check!(r.status == 42, "status {}", r.status);
+        Ok(())
+    }
+
+    async fn case_stderr_separate(c: &AgentClient) -> CaseResult {
+        let r = run(
+            c,
+            "split",
+            &base_spec(&["sh", "-c", "echo to-out; echo to-err >&2"]),
+            None,
+        )
+        .await?;
+        check!(
+            r.out.text() == "to-out\n" && r.err.text() == "to-err\n",
+            "out {:?} err {:?}",
+            r.out.text(),
+            r.err.text()
+        );
+        Ok(())
+    }
+
+    async fn case_100mib_stdout(c: &AgentClient) -> CaseResult {
+        const LEN: usize = 100 * 1024 * 1024;
+        let line = b"abcdefghijklmnopqrstuvwxyz0123456789\n";
+        let expected: Vec<u8> = line.iter().copied().cycle().take(LEN).collect();
+        let started = Instant::now();
+        let r = run(
+            c,
+            "big",
+            &base_spec(&[
+                "sh",
+                "-c",
+                &format!("yes abcdefghijklmnopqrstuvwxyz0123456789 | head -c {LEN}"),
+            ]),
+            None,
+        )
+        .await?;
+        let out = r.out.bytes();
+        eprintln!("100 MiB of stdout took {:?}", started.elapsed());
+        check!(r.status == 0, "status {}", r.status);
+        check!(out.len() == LEN, "got {} bytes", out.len());
+        let (got, want) = (sha2::Sha256::digest(&out), sha2::Sha256::digest(&expected));
+        check!(got == want, "sha256 {got:x} != {want:x}");
+        Ok(())
+    }
+
+    async fn case_stdin_eof(c: &AgentClient) -> CaseResult {
+        let r = run(c, "cat", &base_spec(&["cat"]), Some(b"hello\n".to_vec())).await?;
+        check!(
+            r.status == 0 && r.out.text() == "hello\n",
+            "status {} out {:?}",
+            r.status,
+            r.out.text()
+        );
+        let r = run(
+            c,
+            "wc",
+            &base_spec(&["sh", "-c", "wc -l; echo after-eof"]),
+            Some(b"a\nb\nc\n".to_vec()),
+        )
+        .await?;
+        let words: Vec<String> = r.out.text().split_whitespace().map(str::to_owned).collect();
+        check!(words == ["3", "after-eof"], "out {:?}", r.out.text());
+        Ok(())
+    }
+
+    async fn case_terminal_resize(c: &AgentClient) -> CaseResult {
+        let (out, err) = (Sink::default(), Sink::default());
+        let mut spec = base_spec(&[
+            "sh",
+            "-c",
+            "tty; stty size; echo waiting; sleep 3; stty size; exit 5",
+        ]);
+        spec["process"]["terminal"] = json!(true);
+        spec["process"]["consoleSize"] = json!({"height": 40, "width": 120});
+        let (_, mut pio) = c
+            .create_container(&req("tty", &spec), io(Some(Vec::new()), &out, &err, true))
+            .await
+            .map_err(|e| e.to_string())?;
+        c.start_container("tty").await.map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !out.text().contains("waiting") {
+            check!(
+                Instant::now() < deadline,
+                "no 'waiting' line: {:?}",
+                out.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.resize_pty("tty", "", 50, 200)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = pio.wait(c).await.map_err(|e| e.to_string())?;
+        c.remove_container("tty").await.map_err(|e| e.to_string())?;
+        check!(
+            status == 5 && out.text() == "/dev/pts/0\r\n40 120\r\nwaiting\r\n50 200\r\n",
+            "status {status} out {:?}",
+            out.text()
+        );
+        Ok(())
+    }
+
+    async fn case_spec_fields(c: &AgentClient) -> CaseResult {
+        let mut spec = base_spec(&["sh", "-c", "echo \"$A\"; pwd; id; hostname; ulimit -n"]);
+        spec["process"]["env"] = json!(["PATH=/bin", "A=b=c"]);
+        spec["process"]["cwd"] = json!("/does/not/exist");
+        spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+        spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 2048}]);
+        let r = run(c, "spec", &spec, None).await?;
+        let want = "b=c\n/does/not/exist\nuid=1000(user) gid=1000(user) groups=1000(user)\nsquib-test\n2048\n";
+        check!(
+            r.status == 0 && r.out.text() == want,
+            "status {} out {:?} err {:?}",
+            r.status,
+            r.out.text(),
+            r.err.text()
+        );
+        Ok(())
+    }
+
+    async fn case_exec(c: &AgentClient) -> CaseResult {
+        let (out, err) = (Sink::default(), Sink::default());
+        let (_, mut init) = c
+            .create_container(
+                &req("sleeper", &base_spec(&["sleep", "600"])),
+                io(None, &out, &err, false),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        c.start_container("sleeper")
+            .await
+            .map_err(|e| e.to_string())?;
+        let proc_json = |args: &[&str]| {
+            serde_json::to_vec(
+                &json!({"args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}}),
+            )
+            .unwrap()
+        };
+        let (eo, ee) = (Sink::default(), Sink::default());
+        let (_, mut e1) = c
+            .exec_process(
+                "sleeper",
+                "e1",
+                &proc_json(&["sh", "-c", "cat /proc/1/cmdline; exit 3"]),
+                io(None, &eo, &ee, false),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let s1 = e1.wait(c).await.map_err(|e| e.to_string())?;
+        let (_, mut e2) = c
+            .exec_process(
+                "sleeper",
+                "k9",
+                &proc_json(&["sh", "-c", "kill -9 $$"]),
+                io(None, &eo, &ee, false),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let s2 = e2.wait(c).await.map_err(|e| e.to_string())?;
+        let stats = c
+            .stats("sleeper")
+            .await
+            .map_err(|e| format!("stats: {e}"))?;
+        c.pause_container("sleeper")
+            .await
+            .map_err(|e| format!("pause: {e}"))?;
+        c.resume_container("sleeper")
+            .await
+            .map_err(|e| format!("resume: {e}"))?;
+        c.signal_process("sleeper", "", 9, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        let s0 = init.wait(c).await.map_err(|e| e.to_string())?;
+        c.remove_container("sleeper")
+            .await
+            .map_err(|e| e.to_string())?;
+        check!(
+            s1 == 3 && eo.text() == "sleep\x00600\0",
+            "exec status {s1} out {:?}",
+            eo.text()
+        );
+        check!(s2 == 137, "kill -9 $$ in an exec gave {s2}");
+        check!(s0 == 137, "SIGKILL of init gave {s0}");
+        check!(
+            stats.memory_usage_bytes > 0 && stats.pids_current >= 1,
+            "stats {stats:?}"
+        );
+        Ok(())
+    }
+
+    async fn case_sigterm_trap(c: &AgentClient) -> CaseResult {
+        let (out, err) = (Sink::default(), Sink::default());
+        let spec = base_spec(&[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 1; done",
+        ]);
+        let (_, mut pio) = c
+            .create_container(&req("trap", &spec), io(None, &out, &err, false))
+            .await
+            .map_err(|e| e.to_string())?;
+        c.start_container("trap").await.map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !out.text().contains("ready") {
+            check!(Instant::now() < deadline, "no 'ready' line");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.signal_process("trap", "", 15, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = pio.wait(c).await.map_err(|e| e.to_string())?;
+        c.remove_container("trap")
+            .await
+            .map_err(|e| e.to_string())?;
+        check!(
+            status == 7 && out.text() == "ready\ngot TERM\n",
+            "status {status} out {:?}",
+            out.text()
+        );
+        Ok(())
+    }
+
+    async fn case_zombies(c: &AgentClient) -> CaseResult {
+        // No PID namespace: the orphans re-parent to the agent (the guest's PID 1).
+        let mut spec = base_spec(&[
+            "sh",
+            "-c",
+            "(for i in $(seq 50); do sleep 1 & done); sleep 4; n=0; for s in /proc/[0-9]*/stat; do case \"$(cut -d' ' -f3 $s 2>/dev/null)\" in Z) n=$((n+1));; esac; done; echo zombies=$n",
+        ]);
+        spec["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]);
+        let r = run(c, "zombies", &spec, None).await?;
+        check!(
+            r.status == 0 && r.out.text() == "zombies=0\n",
+            "status {} out {:?} err {:?}",
+            r.status,
+            r.out.text(),
+            r.err.text()
+        );
+        Ok(())
+    }
+
+    async fn case_missing_binary(c: &AgentClient) -> CaseResult {
+        let err = match c
+            .create_container(
+                &req("nx", &base_spec(&["nonexistent"])),
+                StdioConfig::default(),
+            )
+            .await
+        {
+            Ok(_) => return Err("create of a missing binary succeeded".into()),
+            Err(e) => e,
+        };
+        check!(
+            err.start_exit_status() == Some(127),
+            "status {:?}: {err}",
+            err.start_exit_status()
+        );
+        check!(
+            err.to_string() == r#"exec: "nonexistent": executable file not found in $PATH"#,
+            "message {err}"
+        );
+        Ok(())
+    }
+
+    /// Runs every case against one guest; returns the report and the names of failed cases.
+    async fn run_cases(c: &AgentClient) -> (String, Vec<&'static str>) {
+        let mut report = String::new();
+        let mut failed = Vec::new();
+        macro_rules! case {
+            ($name:literal, $f:expr) => {{
+                let started = Instant::now();
+                let r = match tokio::time::timeout(CASE_TIMEOUT, $f).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("timed out after {CASE_TIMEOUT:?}")),
+                };
+                let verdict = match &r {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("FAILED: {e}"),
+                };
+                let _ = writeln!(
+                    report,
+                    "{:<20} {:>10.1?} {verdict}",
+                    $name,
+                    started.elapsed()
+                );
+                if r.is_err() {
+                    failed.push($name);
+                }
+            }};
+        }
+        case!("echo", case_echo(c));
+        case!("exit_42", case_exit_42(c));
+        case!("stderr_separate", case_stderr_separate(c));
+        case!("stdin_eof", case_stdin_eof(c));
+        case!("terminal_resize", case_terminal_resize(c));
+        case!("spec_fields", case_spec_fields(c));
+        case!("exec_stats_pause", case_exec(c));
+        case!("sigterm_trap", case_sigterm_trap(c));
+        case!("zombies_reaped", case_zombies(c));
+        case!("missing_binary", case_missing_binary(c));
+        case!("stdout_100mib", case_100mib_stdout(c));
+        (report, failed)
+    }
+
+    fn rootfs_image(dir: &Path) -> PathBuf {
+        let image = dir.join("rootfs.ext4");
+        let st = Command::new(repo_root().join("guest-image/mktest-rootfs"))
+            .arg(dir.join("rootfs"))
+            .arg(&image)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mktest-rootfs failed");
+        image
+    }
+
+    async fn finish(vmm: &str, guest: Guest, dir: &Path) {
+        let (report, failed) = run_cases(&guest.client).await;
+        eprintln!("agent VM cases ({vmm}):\n{report}");
+        let console = guest.console.clone();
+        drop(guest);
+        if let Some(results) = vm_env::results_dir() {
+            let _ = std::fs::write(results.join(format!("agent-{vmm}-report.txt")), &report);
+            let _ = std::fs::copy(&console, results.join(format!("agent-{vmm}-console.log")));
+        }
+        assert!(
+            failed.is_empty(),
+            "failed cases {failed:?}:\n{report}\nconsole tail:\n{}",
+            console_tail(&console)
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn test_agent_runs_containers_in_a_qemu_microvm_guest() {
+        let dir = scratch_dir("qemu");
+        let image = rootfs_image(&dir);
+        let guest = boot_qemu(&dir, &image).await;
+        finish("qemu-microvm", guest, &dir).await;
+    }
+
+    /// squib-vmm from SQUIB_VMM_BIN (the runner sets it) with the rootfs as a read-only drive
+    /// and a hybrid vsock device; the client goes through `CONNECT <port>`.
+    async fn boot_squib_vmm(dir: &Path, rootfs_image: &Path) -> Guest {
+        let vmm = std::env::var_os("SQUIB_VMM_BIN")
+            .map(PathBuf::from)
+            .expect("SQUIB_VMM_BIN is not set");
+        let kernel = vm_env::test_kernel().unwrap();
+        let initramfs = agent_initramfs();
+        assert!(
+            initramfs.is_file(),
+            "no agent initramfs at {}: run `make guest-image`",
+            initramfs.display()
+        );
+        // Unix socket paths are short and cannot live on the results share.
+        let sock_dir = std::env::temp_dir().join(format!("squib-agent-vmm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sock_dir);
+        std::fs::create_dir_all(&sock_dir).unwrap();
+        let uds = sock_dir.join("v.sock");
+        let console = dir.join("console.log");
+        let config = dir.join("vm.json");
+        let cfg = json!({
+            "boot-source": {
+                "kernel_image_path": kernel,
+                "initrd_path": initramfs,
+                "boot_args": "console=ttyS0 reboot=k panic=-1 squib.log=debug"
+            },
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 512},
+            "drives": [{"drive_id": "rootfs", "path_on_host": rootfs_image, "is_root_device": false, "is_read_only": true}],
+            "vsock": {"guest_cid": 3, "uds_path": uds},
+            "entropy": {}
+        });
+        std::fs::write(&config, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        let child = Command::new(&vmm)
+            .arg("--no-api")
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--serial-out")
+            .arg(&console)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let client =
+            AgentClient::connect(AgentEndpoint::HybridVsock { uds_path: uds }, BOOT_TIMEOUT)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "agent not reachable: {e}; console:\n{}",
+                        console_tail(&console)
+                    )
+                });
+        eprintln!(
+            "agent answered {:?} after squib-vmm started",
+            started.elapsed()
+        );
+        Guest {
+            child,
+            console,
+            client,
+            sock_dir: Some(sock_dir),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn test_agent_runs_containers_in_a_squib_vmm_guest() {
+        let dir = scratch_dir("squib-vmm");
+        let image = rootfs_image(&dir);
+        let guest = boot_squib_vmm(&dir, &image).await;
+        finish("squib-vmm", guest, &dir).await;
+    }
 }
