@@ -282,12 +282,17 @@ pub fn load_modules() -> Result<usize, SystemError> {
     Ok(n)
 }
 
-/// Syncs and powers the guest off (reboot with `reboot=k`/triple fault ends a microVM; a
-/// guest without ACPI cannot power off otherwise).
+/// Syncs and ends the guest. On x86_64 the microVM has no ACPI, so power-off could only halt;
+/// a reset (the kernel's `reboot=k` or `reboot=t`) is what makes the VMM exit. On aarch64
+/// PSCI `SYSTEM_OFF` powers off.
 pub fn power_off() -> ! {
     nix::unistd::sync();
-    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    let mode = if cfg!(target_arch = "x86_64") {
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    } else {
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    };
+    let _ = nix::sys::reboot::reboot(mode);
     loop {
         std::thread::park();
     }

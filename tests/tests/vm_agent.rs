@@ -619,8 +619,36 @@ mod tests {
         image
     }
 
-    async fn finish(vmm: &str, guest: Guest, dir: &Path) {
-        let (report, failed) = run_cases(&guest.client).await;
+    async fn finish(vmm: &str, mut guest: Guest, dir: &Path) {
+        let (mut report, mut failed) = run_cases(&guest.client).await;
+        // Last: Shutdown ends the VM (the VMM process exits on the guest's reset).
+        let started = Instant::now();
+        let verdict = match guest.client.shutdown().await {
+            Err(e) => Err(format!("shutdown call: {e}")),
+            Ok(()) => loop {
+                match guest.child.try_wait() {
+                    Ok(Some(_)) => break Ok(()),
+                    Ok(None) if started.elapsed() < Duration::from_secs(120) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(None) => break Err("the VMM still runs 120 s after Shutdown".to_owned()),
+                    Err(e) => break Err(format!("wait for the VMM: {e}")),
+                }
+            },
+        };
+        let _ = writeln!(
+            report,
+            "{:<20} {:>10.1?} {}",
+            "shutdown",
+            started.elapsed(),
+            match &verdict {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => format!("FAILED: {e}"),
+            }
+        );
+        if verdict.is_err() {
+            failed.push("shutdown");
+        }
         eprintln!("agent VM cases ({vmm}):\n{report}");
         let console = guest.console.clone();
         drop(guest);
