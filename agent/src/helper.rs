@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::{NamespaceSet, ProcessSettings, RootSettings};
 
-/// argv[1] that selects helper mode.
+/// `argv[1]` that selects helper mode.
 pub const HELPER_ARG: &str = "__squib-container-helper";
 /// Descriptor of the control socket in the helper.
 pub const CONTROL_FD: RawFd = 3;

@@ -3,7 +3,7 @@
 //! One `.proto` file (`proto/agent.proto`) defines every control message and the `Agent` ttrpc
 //! service; this crate compiles it (pure-Rust parser, no protoc) into message types
 //! ([`agent`]), the blocking client and server glue ([`agent_ttrpc`], used by the agent) and,
-//! with the `async` feature, tokio client and server glue ([`asynchronous`], used by the
+//! with the `async` feature, tokio client and server glue (`asynchronous`, used by the
 //! host). It also fixes the constants both sides must agree on: vsock ports, the stream
 //! header and the error detail type.
 //!
