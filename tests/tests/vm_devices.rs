@@ -15,7 +15,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -196,9 +197,9 @@ fn echo_exchange(stream: UnixStream, total: u64, deadline: Instant) -> Result<()
 
 /// Host side of the host-initiated connection: retries `CONNECT 1234` until the guest's
 /// helper listens, then runs the bulk echo.
-fn host_connects(uds: &Path, deadline: Instant) -> Result<Duration, String> {
+fn host_connects(uds: &Path, deadline: Instant, vm_gone: &AtomicBool) -> Result<Duration, String> {
     let mut last = String::from("never tried");
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !vm_gone.load(Ordering::SeqCst) {
         let attempt = (|| -> Result<Option<UnixStream>, String> {
             let mut s = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
             s.write_all(b"CONNECT 1234\n").map_err(|e| e.to_string())?;
@@ -235,9 +236,13 @@ fn host_connects(uds: &Path, deadline: Instant) -> Result<Duration, String> {
 }
 
 /// Host side of the guest-initiated connection to port 5000.
-fn host_accepts(listener: UnixListener, deadline: Instant) -> Result<(), String> {
+fn host_accepts(
+    listener: UnixListener,
+    deadline: Instant,
+    vm_gone: &AtomicBool,
+) -> Result<(), String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !vm_gone.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
@@ -311,8 +316,13 @@ fn run_guest() -> Res<Run> {
 
     let deadline = Instant::now() + VM_TIMEOUT;
     let uds2 = uds.clone();
-    let to_guest = thread::spawn(move || host_connects(&uds2, deadline));
-    let from_guest = thread::spawn(move || host_accepts(listener, deadline));
+    // Set once squib-vmm has exited, so that the host side stops waiting for a guest that is
+    // gone instead of running into the deadline.
+    let vm_gone = Arc::new(AtomicBool::new(false));
+    let gone = vm_gone.clone();
+    let to_guest = thread::spawn(move || host_connects(&uds2, deadline, &gone));
+    let gone = vm_gone.clone();
+    let from_guest = thread::spawn(move || host_accepts(listener, deadline, &gone));
     let out = output_with_timeout(
         Command::new(&vmm).args([
             "--no-api".as_ref(),
@@ -333,6 +343,7 @@ fn run_guest() -> Res<Run> {
         "squib-vmm exited with {} after {:?} (timed out: {})",
         out.status, out.elapsed, out.timed_out
     );
+    vm_gone.store(true, Ordering::SeqCst);
     let host_to_guest = to_guest.join().unwrap_or_else(|_| Err("panicked".into()));
     let guest_to_host = from_guest.join().unwrap_or_else(|_| Err("panicked".into()));
 
