@@ -253,6 +253,10 @@ impl BootGuard {
 
 impl Drop for BootGuard {
     fn drop(&mut self) {
+        // A disarmed guard hands the VM (and its live vsock socket) over to the Sandbox.
+        if self.controller.is_none() && self.event_loop.is_none() {
+            return;
+        }
         if self.controller.take().is_some()
             && let Some(event_loop) = self.event_loop.take()
         {

@@ -143,6 +143,16 @@ pub struct ContainerState {
     /// The spec's annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The monitor's start time in clock ticks since boot (field 22 of `/proc/PID/stat`), so
+    /// that a recycled pid is never mistaken for the monitor; 0 when unknown.
+    #[serde(default)]
+    pub monitor_start_time: u64,
+    /// The root image the VM boots from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_image: Option<PathBuf>,
+    /// Whether the root image came from the image cache without a build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_cache_hit: Option<bool>,
 }
 
 impl ContainerState {
@@ -320,6 +330,9 @@ mod tests {
             exit_status: None,
             created: "2026-01-01T00:00:00Z".into(),
             annotations: BTreeMap::from([("a".to_string(), "b".to_string())]),
+            monitor_start_time: 0,
+            rootfs_image: None,
+            rootfs_cache_hit: None,
         }
     }
 
