@@ -6,6 +6,10 @@
 //! wrong about a request (a range past the end of the disk, a length that is not a multiple of
 //! 512, a write to a read-only disk) is answered with `VIRTIO_BLK_S_IOERR`; an unknown request
 //! type with `VIRTIO_BLK_S_UNSUPP`. The capacity is the file size rounded down to 512 bytes.
+//!
+//! Known limitation: one queue, served synchronously by one worker thread, and no discard or
+//! write-zeroes; a guest doing parallel I/O waits on each request in turn. Multiqueue needs a
+//! worker (or an I/O submission ring) per queue.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};

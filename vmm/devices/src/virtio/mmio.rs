@@ -6,6 +6,9 @@
 //! refuses FEATURES_OK unless the driver accepted `VIRTIO_F_VERSION_1` and only offered bits,
 //! records queue layouts, and on DRIVER_OK hands them to the device. A QueueNotify write only
 //! signals the queue's [`WakeEvent`]: the device's worker does the work, never the vCPU thread.
+//!
+//! Known limitation: a device reset (status 0) stops the worker synchronously on the vCPU
+//! thread, so it waits for the request in progress (e.g. a block flush) to finish.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,6 +13,10 @@
 //! [`CONN_BUF_BYTES`] per connection, buffers guest data the host peer is too slow to take up to
 //! that much, and never sends the guest more than its advertised credit. Host sockets are
 //! non-blocking; the `muxer` worker waits on all of them with `poll(2)`.
+//!
+//! Known limitation: stream sockets only (no `VIRTIO_VSOCK_F_SEQPACKET`), and the event queue is
+//! never used, so a guest is not told about a transport reset (it matters once snapshots
+//! restore a VM with open connections).
 
 mod muxer;
 pub mod packet;
