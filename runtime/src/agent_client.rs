@@ -254,6 +254,26 @@ impl std::fmt::Debug for StdioConfig {
     }
 }
 
+/// Which streams a [`StdioConfig`] connects.
+#[derive(Debug, Clone, Copy)]
+struct StreamWants {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    terminal: bool,
+}
+
+impl StreamWants {
+    fn of(io: &StdioConfig) -> Self {
+        Self {
+            stdin: io.stdin.is_some(),
+            stdout: io.stdout.is_some(),
+            stderr: io.stderr.is_some(),
+            terminal: io.terminal,
+        }
+    }
+}
+
 /// A create or exec request without its streams.
 #[derive(Debug, Clone, Default)]
 pub struct CreateContainer {
@@ -456,8 +476,11 @@ impl AgentClient {
         &self,
         container_id: &str,
         exec_id: &str,
-        io: &StdioConfig,
+        wants: StreamWants,
     ) -> Result<(agent::Stdio, Vec<(&'static str, BoxStream)>), AgentClientError> {
+        // Only flags cross the awaits below: the boxed endpoints are Send but not Sync, and a
+        // reference to them would keep callers' futures from being Send.
+        let io = wants;
         let nonce = STREAM_NONCE.fetch_add(1, Ordering::Relaxed);
         let base = format!(
             "{}.{}.{}-{nonce}",
@@ -469,24 +492,24 @@ impl AgentClient {
         let mut conns = Vec::new();
         if io.terminal {
             stdio.terminal = true;
-            if io.stdin.is_some() || io.stdout.is_some() {
+            if io.stdin || io.stdout {
                 let id = format!("{base}.tty");
                 conns.push(("terminal", self.open_stream(&id).await?));
                 stdio.terminal_stream = id;
             }
             return Ok((stdio, conns));
         }
-        if io.stdin.is_some() {
+        if io.stdin {
             let id = format!("{base}.in");
             conns.push(("stdin", self.open_stream(&id).await?));
             stdio.stdin_stream = id;
         }
-        if io.stdout.is_some() {
+        if io.stdout {
             let id = format!("{base}.out");
             conns.push(("stdout", self.open_stream(&id).await?));
             stdio.stdout_stream = id;
         }
-        if io.stderr.is_some() {
+        if io.stderr {
             let id = format!("{base}.err");
             conns.push(("stderr", self.open_stream(&id).await?));
             stdio.stderr_stream = id;
@@ -567,7 +590,8 @@ impl AgentClient {
         req: &CreateContainer,
         io: StdioConfig,
     ) -> Result<(u32, ProcessIo), AgentClientError> {
-        let (stdio, conns) = self.dial_streams(&req.container_id, "", &io).await?;
+        let wants = StreamWants::of(&io);
+        let (stdio, conns) = self.dial_streams(&req.container_id, "", wants).await?;
         let mut m = agent::CreateContainerRequest::new();
         m.container_id = req.container_id.clone();
         m.oci_spec_json = req.oci_spec_json.clone();
@@ -604,7 +628,8 @@ impl AgentClient {
         oci_process_json: &[u8],
         io: StdioConfig,
     ) -> Result<(u32, ProcessIo), AgentClientError> {
-        let (stdio, conns) = self.dial_streams(container_id, exec_id, &io).await?;
+        let wants = StreamWants::of(&io);
+        let (stdio, conns) = self.dial_streams(container_id, exec_id, wants).await?;
         let mut m = agent::ExecProcessRequest::new();
         m.container_id = container_id.to_owned();
         m.exec_id = exec_id.to_owned();
