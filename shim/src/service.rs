@@ -1269,10 +1269,10 @@ mod tests {
 
     fn ctx() -> TtrpcContext {
         TtrpcContext {
-            fd: -1,
             mh: Default::default(),
             metadata: Default::default(),
             timeout_nano: 0,
+            connection_data: Default::default(),
         }
     }
 
