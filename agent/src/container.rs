@@ -764,8 +764,16 @@ impl Manager {
         // Stop an unstarted init from ever running its workload.
         *lock(&c.start) = StartState::Started;
         let mut pids: Vec<i32> = c.cgroup.as_ref().map(Cgroup::pids).unwrap_or_default();
-        pids.push(c.init.pid.as_raw());
-        pids.extend(lock(&c.execs).values().map(|p| p.pid.as_raw()));
+        // Only processes not reaped yet: a reaped pid may already belong to someone else.
+        if c.init.exit.get().is_none() {
+            pids.push(c.init.pid.as_raw());
+        }
+        pids.extend(
+            lock(&c.execs)
+                .values()
+                .filter(|p| p.exit.get().is_none())
+                .map(|p| p.pid.as_raw()),
+        );
         if let Some(cg) = &c.cgroup {
             // A frozen group would keep SIGKILLed tasks around.
             let _ = cg.freeze(false);
