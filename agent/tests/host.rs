@@ -603,6 +603,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn test_agent_terminal_input_ends_with_close_stdin() {
+        require_host!();
+        let a = start_agent("ttyin").await;
+        let (out, err) = (Sink::default(), Sink::default());
+        let mut spec = base_spec(&["sh", "-c", "stty -echo; cat; echo cat-ended"]);
+        spec["process"]["terminal"] = json!(true);
+        // The input arrives, then the host's end of input becomes the pty's EOF character, so
+        // `cat` ends: CloseStdin carried the byte count, so it cannot overtake the data.
+        let (_, mut io) = a
+            .client
+            .create_container(
+                &create_req(&a, "ttyin", &spec),
+                io_for(Some(b"line one\n".to_vec()), &out, &err, true),
+            )
+            .await
+            .unwrap();
+        a.client.start_container("ttyin").await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), io.wait(&a.client))
+            .await
+            .expect("cat did not see the end of its terminal input")
+            .unwrap();
+        assert_eq!(status, 0);
+        let text = out.text();
+        assert!(
+            text.ends_with("line one\r\ncat-ended\r\n"),
+            "output {text:?}"
+        );
+        a.client.remove_container("ttyin").await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn test_agent_reaps_orphans_as_pid_1() {
         require_host!();
         let a = start_agent("zombies").await;
