@@ -309,6 +309,11 @@ pub struct TaskService {
     events: Arc<dyn EventSink>,
     exit: Arc<ExitSignal>,
     container: Mutex<Option<Container>>,
+    /// Serializes `Create`; the container lock is not held while the VM boots, so `State`
+    /// keeps answering (from `creating`) during a boot that takes seconds.
+    create_lock: Mutex<()>,
+    /// Id and bundle of a container being created.
+    creating: std::sync::Mutex<Option<(String, String)>>,
     /// Set once the init process was deleted: the shim may then exit.
     deleted: std::sync::atomic::AtomicBool,
 }
@@ -439,6 +444,8 @@ impl TaskService {
             events,
             exit,
             container: Mutex::new(None),
+            create_lock: Mutex::new(()),
+            creating: std::sync::Mutex::new(None),
             deleted: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -575,13 +582,24 @@ impl TaskService {
                 "restoring a container from a checkpoint is not supported by squib".into(),
             ));
         }
-        let mut guard = self.container.lock().await;
-        if guard.is_some() {
+        let _creating = self.create_lock.lock().await;
+        if self.container.lock().await.is_some() {
             return Err(ShimError::AlreadyExists(format!(
                 "this shim already serves a container; cannot create {}",
                 req.id
             )));
         }
+        if let Ok(mut c) = self.creating.lock() {
+            *c = Some((req.id.clone(), req.bundle.clone()));
+        }
+        let result = self.create_vm(req).await;
+        if let Ok(mut c) = self.creating.lock() {
+            *c = None;
+        }
+        result
+    }
+
+    async fn create_vm(&self, req: &api::CreateTaskRequest) -> Result<u32, ShimError> {
         let bundle = PathBuf::from(&req.bundle);
         let config = ShimConfig::for_task(req.options.as_ref())
             .map_err(|e| ShimError::InvalidArgument(ShimError::chain("runtime options", &e)))?;
@@ -712,7 +730,7 @@ impl TaskService {
         init.pid.store(pid, std::sync::atomic::Ordering::SeqCst);
         self.spawn_waiter(req.id.clone(), agent.clone(), init.clone(), pio, logger);
         self.spawn_oom_watch(req.id.clone(), agent.clone());
-        *guard = Some(Container {
+        *self.container.lock().await = Some(Container {
             id: req.id.clone(),
             bundle,
             agent,
@@ -723,7 +741,6 @@ impl TaskService {
             execs: HashMap::new(),
             paused: false,
         });
-        drop(guard);
         tracing::info!(container_id = %req.id, pid, "container created");
         let event = TaskCreate {
             container_id: req.id.clone(),
@@ -927,6 +944,16 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> ttrpc::Result<api::StateResponse> {
+        if req.exec_id.is_empty()
+            && let Some((id, bundle)) = self.creating.lock().ok().and_then(|c| c.clone())
+        {
+            return Ok(api::StateResponse {
+                id,
+                bundle,
+                status: EnumOrUnknown::new(api::Status::CREATED),
+                ..Default::default()
+            });
+        }
         let p = self.process(&req.exec_id).await?;
         let guard = self.container.lock().await;
         let c = guard
