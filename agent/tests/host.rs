@@ -634,6 +634,38 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn test_agent_honours_tmpfs_options_and_a_readonly_root() {
+        require_host!();
+        let a = start_agent("readonly").await;
+        // c17: tmpfs size and mode apply; the read-only root refuses writes; masked paths
+        // are empty.
+        let mut spec = base_spec(&[
+            "sh",
+            "-c",
+            "df -k /data | tail -1 | awk '{print $2}'; stat -c %a /data; \
+             touch /rootfile; echo touch_rc=$?; cat /proc/keys | wc -c",
+        ]);
+        spec["root"]["readonly"] = json!(true);
+        spec["linux"]["maskedPaths"] = json!(["/proc/keys"]);
+        spec["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/data", "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]
+        }));
+        let r = run(&a, "ro", &spec, None).await;
+        assert_eq!(
+            r.out.text(),
+            "65536\n1777\ntouch_rc=1\n0\n",
+            "stderr {}",
+            r.err.text()
+        );
+        assert!(
+            r.err.text().contains("Read-only file system"),
+            "{}",
+            r.err.text()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn test_agent_reaps_orphans_as_pid_1() {
         require_host!();
         let a = start_agent("zombies").await;
