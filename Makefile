@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test unit-test lint fmt deps host-test vm-test guest-kernel test-initramfs guest-image
+.PHONY: all build test unit-test lint fmt deps host-test vm-test guest-kernel test-initramfs guest-image demo
 
 all: build
 
@@ -33,6 +33,7 @@ host-test:
 # VM tests (tests/tests/vm_*.rs): on this host's KVM if tests/vmhost's probe passes, else all
 # of them inside one boot of the VM test host. Builds the guest kernel first if needed.
 vm-test:
+	$(CARGO) build -p containerd-shim-squib-v2
 	tests/run-vm-tests
 
 # The guest kernel (vmlinux) and the busybox test initramfs; the last line is the file's path.
@@ -48,6 +49,11 @@ guest-image:
 	@guest-image/build-guest-image
 
 test: lint unit-test host-test vm-test
+
+# Sets up a fresh machine and runs `uname -a` in a container in its own microVM through
+# containerd (inside the VM test host when this host's KVM cannot run guests).
+demo:
+	scripts/demo
 
 fmt:
 	$(CARGO) fmt --all
