@@ -643,10 +643,10 @@ mod tests {
             "sh",
             "-c",
             "df -k /data | tail -1 | awk '{print $2}'; stat -c %a /data; \
-             touch /rootfile; echo touch_rc=$?; cat /proc/keys | wc -c",
+             touch /rootfile; echo touch_rc=$?; cat /etc/passwd | wc -c",
         ]);
         spec["root"]["readonly"] = json!(true);
-        spec["linux"]["maskedPaths"] = json!(["/proc/keys"]);
+        spec["linux"]["maskedPaths"] = json!(["/etc/passwd"]);
         spec["mounts"].as_array_mut().unwrap().push(json!({
             "destination": "/data", "type": "tmpfs", "source": "tmpfs",
             "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]
