@@ -46,8 +46,8 @@ pub fn run(ctx: &Context, args: &ListArgs) -> anyhow::Result<u8> {
                 let v = s.to_oci_json();
                 println!(
                     "{:<24} {:<8} {:<10} {:<40} {}",
-                    s.id,
-                    v["pid"],
+                    s.id.as_str(),
+                    v["pid"].to_string(),
                     v["status"].as_str().unwrap_or(""),
                     s.bundle.display(),
                     s.created

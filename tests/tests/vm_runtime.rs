@@ -1,0 +1,508 @@
+//! VM test: the `squib` OCI runtime CLI runs busybox (and Debian minbase) bundles, each in its
+//! own microVM, through its whole lifecycle: run, create/start/state/kill/delete, exec, ps,
+//! pause/resume, events, the root image cache, runc's exit codes and error rules, and nothing
+//! left behind afterwards. Cases c01, c02, c08, c10, c19 and c20 in their `squib` form.
+//!
+//! Inputs: SQUIB_BIN (the runner sets it), the guest kernel SQUIB_TEST_KERNEL and the agent
+//! initramfs SQUIB_AGENT_INITRAMFS (or the guest-image cache), busybox-static on the host, and
+//! for the minbase test the cached Debian minbase from `scripts/mk-minbase`.
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+    use squib_tests::process::{TimedOutput, output_with_timeout};
+    use squib_tests::vm_env;
+
+    /// Every CLI call that may boot a VM; inside the VM test host things are 30-50x slower.
+    const SLOW: Duration = Duration::from_secs(400);
+
+    fn squib_bin() -> PathBuf {
+        std::env::var_os("SQUIB_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| vm_env::repo_root().join("target/debug/squib"))
+    }
+
+    fn agent_initramfs() -> PathBuf {
+        if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
+            return PathBuf::from(p);
+        }
+        let cache = std::env::var_os("SQUIB_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/squib")
+            });
+        cache.join("guest/initramfs")
+    }
+
+    /// One test's world: a state root, an image cache and bundles under a scratch directory.
+    struct World {
+        dir: PathBuf,
+        root: PathBuf,
+        cache: PathBuf,
+    }
+
+    impl World {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("squib-rt-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let w = Self {
+                root: dir.join("root"),
+                cache: dir.join("cache"),
+                dir,
+            };
+            std::fs::create_dir_all(&w.root).unwrap();
+            w
+        }
+
+        fn cmd(&self) -> Command {
+            let mut c = Command::new(squib_bin());
+            c.arg("--root")
+                .arg(&self.root)
+                .arg("--image-cache")
+                .arg(&self.cache)
+                .env("SQUIB_KERNEL", vm_env::test_kernel().unwrap())
+                .env("SQUIB_INITRAMFS", agent_initramfs());
+            c
+        }
+
+        /// Runs `squib ARGS` to completion with captured output (not for create: its monitor
+        /// would hold the pipes).
+        fn run(&self, args: &[&str]) -> TimedOutput {
+            let out = output_with_timeout(self.cmd().args(args), SLOW).unwrap();
+            assert!(!out.timed_out, "squib {args:?} timed out");
+            out
+        }
+
+        /// `squib create` with the container's stdio on files; returns (status, stderr).
+        fn create(&self, bundle: &Path, id: &str) -> (ExitStatus, String) {
+            let log = self.dir.join(format!("{id}.create.err"));
+            let mut child = self
+                .cmd()
+                .arg("create")
+                .arg("--bundle")
+                .arg(bundle)
+                .arg(id)
+                .stdin(Stdio::null())
+                .stdout(File::create(self.dir.join(format!("{id}.out"))).unwrap())
+                .stderr(File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let status = wait(&mut child, SLOW);
+            (status, std::fs::read_to_string(&log).unwrap_or_default())
+        }
+
+        /// The container's `state` JSON, or `None` when `state` fails.
+        fn state(&self, id: &str) -> Option<Value> {
+            let out = self.run(&["state", id]);
+            out.status
+                .success()
+                .then(|| serde_json::from_slice(&out.stdout).unwrap())
+        }
+
+        /// A bundle `name` over a busybox rootfs with `process.args = args` and `edit` applied.
+        fn bundle(&self, name: &str, args: &[&str], edit: impl FnOnce(&mut Value)) -> PathBuf {
+            let b = self.dir.join(name);
+            std::fs::create_dir_all(&b).unwrap();
+            let rootfs = self.dir.join("busybox-rootfs");
+            if !rootfs.is_dir() {
+                let st = Command::new(vm_env::repo_root().join("guest-image/mktest-rootfs"))
+                    .arg(&rootfs)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "mktest-rootfs failed");
+            }
+            let _ = std::fs::remove_file(b.join("rootfs"));
+            std::os::unix::fs::symlink(&rootfs, b.join("rootfs")).unwrap();
+            let mut spec = base_spec(args);
+            edit(&mut spec);
+            std::fs::write(
+                b.join("config.json"),
+                serde_json::to_vec_pretty(&spec).unwrap(),
+            )
+            .unwrap();
+            b
+        }
+
+        /// Asserts that nothing of container `id` remains: no state directory, no monitor
+        /// process, no socket or mount under the root.
+        fn assert_gone(&self, id: &str) {
+            assert!(
+                !self.root.join(id).exists(),
+                "state directory of {id} left: {:?}",
+                std::fs::read_dir(self.root.join(id))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            );
+            let root = self.root.to_string_lossy().into_owned();
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                    continue;
+                };
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                let ours = args.iter().any(|a| a == &root)
+                    && args.iter().any(|a| a == "monitor")
+                    && args.last().map(String::as_str) == Some(id);
+                assert!(!ours, "monitor of {id} still runs: {args:?}");
+            }
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(!mounts.contains(&root), "a mount under {root} remains");
+        }
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            // Stop whatever a failed test left running, then remove the files.
+            if let Ok(entries) = std::fs::read_dir(&self.root) {
+                for e in entries.flatten() {
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    let _ = output_with_timeout(
+                        self.cmd().args(["delete", "--force", &id]),
+                        Duration::from_secs(60),
+                    );
+                }
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn wait(child: &mut Child, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("child {} timed out", child.id());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn base_spec(args: &[&str]) -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": args,
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "FOO=bar"],
+                "cwd": "/",
+                "noNewPrivileges": true
+            },
+            "root": {"path": "rootfs", "readonly": false},
+            "hostname": "squib-test",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]}
+            ],
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                               {"type": "uts"}, {"type": "mount"}]
+            }
+        })
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    fn code(out: &TimedOutput) -> Option<i32> {
+        out.status.code()
+    }
+
+    #[test]
+    fn test_runtime_run_prints_guest_kernel_release_and_exit_codes() {
+        let w = World::new("run");
+        let b = w.bundle("uname", &["uname", "-r"], |_| {});
+        let out = w.run(&["run", "--bundle", b.to_str().unwrap(), "demo"]);
+        assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+        let release = text(&out.stdout).trim().to_string();
+        let host = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
+        assert!(
+            release.starts_with("6.") && release != host.trim(),
+            "guest release {release:?} (host {host:?})"
+        );
+        w.assert_gone("demo");
+
+        // c01 in its OCI-runtime form.
+        let b = w.bundle(
+            "exit42",
+            &["sh", "-c", "echo out; echo err >&2; exit 42"],
+            |_| {},
+        );
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c01"]);
+        assert_eq!(code(&out), Some(42), "stderr: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "out\n");
+        assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+        w.assert_gone("c01");
+
+        let b = w.bundle("missing", &["nonexistent"], |_| {});
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c01d"]);
+        assert_ne!(code(&out), Some(0));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("nonexistent") && err.contains("executable file not found in $PATH"),
+            "{err}"
+        );
+        w.assert_gone("c01d");
+    }
+
+    #[test]
+    fn test_runtime_run_reports_137_after_sigkill_and_forwards_no_term_to_untrapped_init() {
+        let w = World::new("kill");
+        // c08 A + c02b: SIGTERM is ignored by an init without a handler; SIGKILL gives 137.
+        let b = w.bundle("sleep", &["sleep", "1000"], |_| {});
+        let mut child = w
+            .cmd()
+            .args(["run", "-b", b.to_str().unwrap(), "c08a"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(w.dir.join("c08a.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + SLOW;
+        while w
+            .state("c08a")
+            .and_then(|s| s["status"].as_str().map(String::from))
+            != Some("running".into())
+        {
+            assert!(Instant::now() < deadline, "c08a never ran");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(code(&w.run(&["kill", "c08a"])), Some(0));
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(w.state("c08a").unwrap()["status"], "running");
+        assert_eq!(code(&w.run(&["kill", "c08a", "KILL"])), Some(0));
+        let st = wait(&mut child, SLOW);
+        assert_eq!(st.code(), Some(137));
+        w.assert_gone("c08a");
+
+        // c08 C: PID 1 cannot SIGKILL itself from inside its namespace.
+        let b = w.bundle(
+            "selfkill",
+            &["sh", "-c", "kill -9 $$; echo survived"],
+            |_| {},
+        );
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c08c"]);
+        assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "survived\n");
+    }
+
+    #[test]
+    fn test_runtime_lifecycle_create_start_exec_pause_kill_delete() {
+        let w = World::new("life");
+        let b = w.bundle("sleep", &["sleep", "1000"], |_| {});
+        let bs = b.to_str().unwrap();
+
+        // c19: kill a created container, then start fails and delete frees it.
+        let (st, err) = w.create(&b, "c19");
+        assert!(st.success(), "create: {err}");
+        let s = w.state("c19").unwrap();
+        assert_eq!(s["status"], "created");
+        assert!(s["pid"].as_i64().unwrap() > 0);
+        assert_eq!(s["rootfsCacheHit"], false, "first create builds the image");
+        let (st, err) = w.create(&b, "c19");
+        assert!(!st.success() && err.contains("already exists"), "{err}");
+        assert_eq!(code(&w.run(&["kill", "c19", "KILL"])), Some(0));
+        let deadline = Instant::now() + SLOW;
+        while w.state("c19").unwrap()["status"] != "stopped" {
+            assert!(Instant::now() < deadline, "c19 never stopped");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(w.state("c19").unwrap()["pid"], 0);
+        let out = w.run(&["start", "c19"]);
+        assert_eq!(code(&out), Some(1));
+        assert!(text(&out.stderr).contains("cannot start a container that has stopped"));
+        assert_eq!(code(&w.run(&["delete", "c19"])), Some(0));
+        let out = w.run(&["state", "c19"]);
+        assert_eq!(code(&out), Some(1));
+        assert!(
+            text(&out.stderr).contains("does not exist"),
+            "{}",
+            text(&out.stderr)
+        );
+        w.assert_gone("c19");
+
+        // c20 A with exec, ps, pause/resume, events; the second create hits the image cache.
+        let (st, err) = w.create(&b, "c20a");
+        assert!(st.success(), "create: {err}");
+        assert_eq!(w.state("c20a").unwrap()["rootfsCacheHit"], true);
+        assert_eq!(code(&w.run(&["start", "c20a"])), Some(0));
+        assert_eq!(w.state("c20a").unwrap()["status"], "running");
+        let out = w.run(&["start", "c20a"]);
+        assert_eq!(code(&out), Some(1));
+        assert!(text(&out.stderr).contains("cannot start an already running container"));
+
+        // c10 e3/e4/e1.
+        let out = w.run(&["exec", "c20a", "sh", "-c", "exit 3"]);
+        assert_eq!(code(&out), Some(3));
+        let out = w.run(&[
+            "exec",
+            "--cwd",
+            "/tmp",
+            "c20a",
+            "sh",
+            "-c",
+            "pwd; echo $FOO",
+        ]);
+        assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "/tmp\nbar\n");
+        let out = w.run(&["exec", "c20a", "/no/such/cmd"]);
+        assert_eq!(code(&out), Some(255));
+        assert!(
+            text(&out.stderr).contains("no such file or directory"),
+            "{}",
+            text(&out.stderr)
+        );
+
+        let out = w.run(&["ps", "--format", "json", "c20a"]);
+        assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+            json!([1])
+        );
+
+        assert_eq!(code(&w.run(&["pause", "c20a"])), Some(0));
+        assert_eq!(w.state("c20a").unwrap()["status"], "paused");
+        assert_eq!(code(&w.run(&["resume", "c20a"])), Some(0));
+        assert_eq!(w.state("c20a").unwrap()["status"], "running");
+        let out = w.run(&["events", "--stats", "c20a"]);
+        assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+        let ev: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ev["type"], "stats");
+        assert!(ev["data"]["pids"]["current"].as_u64().unwrap() >= 1, "{ev}");
+
+        let out = w.run(&["kill", "c20a", "SIGFOO"]);
+        assert_eq!(code(&out), Some(1));
+        assert!(text(&out.stderr).contains("unknown signal \"SIGFOO\""));
+        let out = w.run(&["delete", "c20a"]);
+        assert_eq!(code(&out), Some(1));
+        assert!(
+            text(&out.stderr).contains("cannot delete container c20a that is not stopped: running"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert_eq!(w.state("c20a").unwrap()["status"], "running");
+        assert_eq!(code(&w.run(&["delete", "--force", "c20a"])), Some(0));
+        assert_eq!(code(&w.run(&["state", "c20a"])), Some(1));
+        w.assert_gone("c20a");
+
+        // c20 B: a process that exits by itself.
+        let b1 = w.bundle("sleep1", &["sleep", "1"], |_| {});
+        let (st, err) = w.create(&b1, "c20b");
+        assert!(st.success(), "create: {err}");
+        assert_eq!(code(&w.run(&["start", "c20b"])), Some(0));
+        let deadline = Instant::now() + SLOW;
+        while w.state("c20b").unwrap()["status"] != "stopped" {
+            assert!(Instant::now() < deadline, "c20b never stopped");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        for _ in 0..3 {
+            let s = w.state("c20b").unwrap();
+            assert_eq!(
+                (s["status"].clone(), s["pid"].clone()),
+                (json!("stopped"), json!(0))
+            );
+        }
+        assert_eq!(code(&w.run(&["kill", "c20b", "KILL"])), Some(1));
+        assert_eq!(code(&w.run(&["kill", "--all", "c20b", "KILL"])), Some(0));
+        assert_eq!(code(&w.run(&["exec", "c20b", "true"])), Some(255));
+        assert_eq!(code(&w.run(&["delete", "c20b"])), Some(0));
+        assert_eq!(code(&w.run(&["delete", "c20b"])), Some(1));
+        assert_eq!(code(&w.run(&["delete", "-f", "c20b"])), Some(0));
+        w.assert_gone("c20b");
+        let _ = bs;
+    }
+
+    #[test]
+    fn test_runtime_rejects_bad_bundles_leaving_nothing_behind() {
+        let w = World::new("bad");
+        let check = |bundle: &Path, id: &str, want: &[&str]| {
+            let out = w.run(&["run", "-b", bundle.to_str().unwrap(), id]);
+            assert_eq!(code(&out), Some(1), "{id}");
+            let err = text(&out.stderr);
+            for part in want {
+                assert!(err.contains(part), "{id}: {part:?} not in {err}");
+            }
+            w.assert_gone(id);
+            assert!(
+                std::fs::read_dir(&w.root).unwrap().next().is_none(),
+                "{id} left state"
+            );
+        };
+        let b = w.bundle("malformed", &["true"], |_| {});
+        std::fs::write(b.join("config.json"), b"{\"ociVersion\": ").unwrap();
+        check(&b, "malformed", &["config.json"]);
+        let b = w.bundle("noroot", &["true"], |s| {
+            s["root"]["path"] = json!("nothere")
+        });
+        check(&b, "noroot", &["root.path", "nothere", "not a directory"]);
+        let b = w.bundle("noargs", &[], |_| {});
+        check(&b, "noargs", &["process.args"]);
+        let b = w.bundle("emptyarg", &[""], |_| {});
+        check(&b, "emptyarg", &["process.args[0]"]);
+        let b = w.bundle("ok", &["true"], |_| {});
+        check(&b, "bad/id", &["invalid container id"]);
+        for (args, want) in [
+            (vec!["state", "nosuch"], "container nosuch does not exist"),
+            (vec!["start", "nosuch"], "container nosuch does not exist"),
+            (
+                vec!["kill", "nosuch", "KILL"],
+                "container nosuch does not exist",
+            ),
+            (vec!["delete", "nosuch"], "container nosuch does not exist"),
+        ] {
+            let out = w.run(&args);
+            assert_eq!(code(&out), Some(1), "{args:?}");
+            assert!(
+                text(&out.stderr).contains(want),
+                "{args:?}: {}",
+                text(&out.stderr)
+            );
+        }
+        let out = w.run(&["exec", "nosuch", "true"]);
+        assert_eq!(code(&out), Some(255));
+        assert_eq!(code(&w.run(&["delete", "--force", "nosuch"])), Some(0));
+        let out = w.run(&["list", "--format", "json"]);
+        assert_eq!(code(&out), Some(0));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+            json!([])
+        );
+    }
+
+    #[test]
+    fn test_runtime_runs_debian_minbase() {
+        let w = World::new("minbase");
+        let out = Command::new(vm_env::repo_root().join("scripts/mk-minbase"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mk-minbase: {}", text(&out.stderr));
+        let minbase = PathBuf::from(text(&out.stdout).trim());
+        let b = w.dir.join("minbase");
+        std::fs::create_dir_all(&b).unwrap();
+        std::os::unix::fs::symlink(&minbase, b.join("rootfs")).unwrap();
+        let spec = base_spec(&["sh", "-c", "cat /etc/os-release; apt-get --version"]);
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "deb"]);
+        assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("ID=debian"), "{stdout}");
+        assert!(stdout.contains("apt "), "{stdout}");
+        w.assert_gone("deb");
+    }
+}
