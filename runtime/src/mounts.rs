@@ -306,7 +306,10 @@ mod tests {
                 );
                 assert!(!listing.contains("gone"), "{listing}");
             }
-            Err(MountsError::Mount { source, .. }) if source == nix::Error::EINVAL => {
+            Err(MountsError::Mount {
+                source: nix::Error::EINVAL,
+                ..
+            }) => {
                 eprintln!("skipped: this kernel refuses overlayfs here");
             }
             Err(e) => panic!("{e}"),
