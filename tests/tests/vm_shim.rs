@@ -627,6 +627,58 @@ fn case_terminal(c: &Containerd) -> CaseResult {
     Ok(())
 }
 
+fn case_run_stdin(c: &Containerd) -> CaseResult {
+    // ctr run -i: the init process's stdin comes from the client; its end (CloseIO) ends cat.
+    // The input is written once the task runs: containerd 1.6's ctr drops the close of an
+    // input that is already at end of file before the task starts (a client-side race).
+    let config = c.config.display().to_string();
+    let mut child = c
+        .ctr_cmd(&[
+            "run",
+            "--runtime",
+            "io.containerd.squib.v2",
+            "--runtime-config-path",
+            &config,
+            "--rm",
+            "-i",
+            IMAGE,
+            "rin",
+            "sh",
+            "-c",
+            "cat; echo after-eof",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    while Instant::now() < deadline {
+        let ls = c.ctr(&["task", "ls"]);
+        if String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .any(|l| l.starts_with("rin") && l.contains("RUNNING"))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"hello\nworld\n").unwrap();
+    }
+    let out = wait_child(child, CMD_TIMEOUT);
+    if out.is_none() {
+        c.remove("rin");
+    }
+    check!(
+        matches!(&out, Some((Some(0), so, _)) if so == "hello\nworld\nafter-eof\n"),
+        "run -i: {out:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn test_shim_runs_containers_through_containerd() {
     if vm_env::test_kernel().is_err() {
@@ -648,6 +700,7 @@ fn test_shim_runs_containers_through_containerd() {
         ("exec_stdin_metrics_pause", case_exec),
         ("large_output", case_large_output),
         ("terminal", case_terminal),
+        ("run_stdin", case_run_stdin),
     ];
     let filter = std::env::var("SQUIB_SHIM_CASES").unwrap_or_default();
     let mut failed = Vec::new();
