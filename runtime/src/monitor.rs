@@ -12,7 +12,7 @@
 //! answered `ok` or `error <text>`) and the Firecracker-compatible API on `<state>/api.sock`
 //! (the same controller). When the container's init exits it records `stopped` with the exit
 //! status, shuts the VM down, removes its sockets and exits. SIGTERM or SIGINT stop the VM
-//! the same way.
+//! the same way; in the foreground (`run`) they are forwarded to the container's init instead.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -39,6 +39,10 @@ use crate::commands::{
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The exit status recorded when the monitor is told to stop (128 + SIGTERM).
 const STOPPED_BY_SIGNAL_STATUS: i32 = 143;
+/// SIGTERM's number.
+const SIGTERM: u32 = 15;
+/// SIGINT's number.
+const SIGINT: u32 = 2;
 /// The exit status recorded when the VM ended before the container's init reported an exit.
 const VM_LOST_STATUS: i32 = 255;
 
@@ -250,12 +254,10 @@ impl Booted {
             });
         }
 
-        if autostart {
-            if let Err(e) = self.start().await {
-                let _ = api_stop.send(());
-                self.finish(ctx, None).await;
-                return Err(e);
-            }
+        if autostart && let Err(e) = self.start().await {
+            let _ = api_stop.send(());
+            self.finish(ctx, None).await;
+            return Err(e);
         }
         if let Some(mut pipe) = ready {
             pipe.write_all(b"ok\n").context("reporting readiness")?;
@@ -278,8 +280,20 @@ impl Booted {
                         self.handle(ctx, stream).await;
                     }
                 }
-                _ = terms.recv() => break STOPPED_BY_SIGNAL_STATUS,
-                _ = ints.recv() => break STOPPED_BY_SIGNAL_STATUS,
+                // In the foreground (`run`) the caller's signals go to the container, as
+                // runc forwards them; a detached monitor told to stop stops the VM.
+                _ = terms.recv() => {
+                    if !autostart {
+                        break STOPPED_BY_SIGNAL_STATUS;
+                    }
+                    self.forward(SIGTERM);
+                }
+                _ = ints.recv() => {
+                    if !autostart {
+                        break STOPPED_BY_SIGNAL_STATUS;
+                    }
+                    self.forward(SIGINT);
+                }
                 reason = self.sandbox.stopped() => {
                     tracing::error!(container_id = %self.id, ?reason, "the microVM stopped");
                     break VM_LOST_STATUS;
@@ -304,6 +318,17 @@ impl Booted {
         for name in [MONITOR_SOCKET, API_SOCKET] {
             let _ = std::fs::remove_file(self.dir.join(name));
         }
+    }
+
+    /// Sends `signal` to the container's init without waiting for the agent's answer.
+    fn forward(&self, signal: u32) {
+        let agent = self.agent.clone();
+        let id = self.id.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = agent.signal_process(&id, "", signal, false).await {
+                tracing::debug!(container_id = %id, error = %e, "forwarding a signal failed");
+            }
+        });
     }
 
     async fn start(&mut self) -> anyhow::Result<()> {
