@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test unit-test lint fmt deps host-test vm-test guest-kernel test-initramfs guest-image demo
+.PHONY: all build test unit-test lint fmt deps host-test vm-test guest-kernel test-initramfs guest-image bench demo
 
 all: build
 
@@ -49,6 +49,12 @@ guest-image:
 	@guest-image/build-guest-image
 
 test: lint unit-test host-test vm-test
+
+# squib side by side with runc and QEMU microvm (bench/run): prints a markdown table and writes
+# target/bench/{results.json,results.md,chart.png}. Runs inside the VM test host when this
+# host's KVM cannot run guests at hardware speed; there only the ratios mean something.
+bench:
+	bench/run
 
 # Sets up a fresh machine and runs `uname -a` in a container in its own microVM through
 # containerd (inside the VM test host when this host's KVM cannot run guests).
