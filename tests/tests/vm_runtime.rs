@@ -262,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn test_runtime_run_reports_137_after_sigkill_and_forwards_no_term_to_untrapped_init() {
+    fn test_runtime_run_reports_137_after_sigkill_and_keeps_pid_namespace_signal_rules() {
         let w = World::new("kill");
         // c08 A + c02b: SIGTERM is ignored by an init without a handler; SIGKILL gives 137.
         let b = w.bundle("sleep", &["sleep", "1000"], |_| {});
@@ -290,6 +290,54 @@ mod tests {
         let st = wait(&mut child, SLOW);
         assert_eq!(st.code(), Some(137));
         w.assert_gone("c08a");
+
+        // c08 B: a trapped SIGTERM runs the handler, whether sent with `squib kill` or to the
+        // foreground `squib run` process (which forwards it, as runc does).
+        let b = w.bundle(
+            "trap",
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got TERM; exit 7' TERM; while :; do sleep 1; done",
+            ],
+            |_| {},
+        );
+        for (id, via_kill) in [("c08b", true), ("c08f", false)] {
+            let out_path = w.dir.join(format!("{id}.out"));
+            let mut child = w
+                .cmd()
+                .args(["run", "-b", b.to_str().unwrap(), id])
+                .stdin(Stdio::null())
+                .stdout(File::create(&out_path).unwrap())
+                .stderr(File::create(w.dir.join(format!("{id}.err"))).unwrap())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + SLOW;
+            while w
+                .state(id)
+                .and_then(|s| s["status"].as_str().map(String::from))
+                != Some("running".into())
+            {
+                assert!(Instant::now() < deadline, "{id} never ran");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            // Let the shell install its trap before the signal arrives.
+            std::thread::sleep(Duration::from_secs(3));
+            if via_kill {
+                assert_eq!(code(&w.run(&["kill", id, "TERM"])), Some(0));
+            } else {
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            }
+            let st = wait(&mut child, SLOW);
+            assert_eq!(st.code(), Some(7), "{id}");
+            assert_eq!(
+                std::fs::read_to_string(&out_path).unwrap(),
+                "got TERM\n",
+                "{id}"
+            );
+            w.assert_gone(id);
+        }
 
         // c08 C: PID 1 cannot SIGKILL itself from inside its namespace.
         let b = w.bundle(
