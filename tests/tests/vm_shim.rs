@@ -11,6 +11,9 @@
 //! `${SQUIB_CACHE:-$HOME/.cache/squib}/guest/initramfs`, from `make guest-image`), containerd,
 //! ctr and busybox-static on the host.
 
+// Everything here is test code: the helpers may unwrap like the tests they serve.
+#![cfg(test)]
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -200,12 +203,13 @@ fn describe(out: &squib_tests::process::TimedOutput) -> String {
         out.status.code(),
         if out.timed_out { " (timed out)" } else { "" },
         out.elapsed,
-        String::from_utf8_lossy(&out.stdout.get(..2000.min(out.stdout.len())).unwrap_or(&[])),
+        String::from_utf8_lossy(out.stdout.get(..2000.min(out.stdout.len())).unwrap_or(&[])),
         String::from_utf8_lossy(&out.stderr),
     )
 }
 
 type CaseResult = Result<(), String>;
+type Case = (&'static str, fn(&Containerd) -> CaseResult);
 
 macro_rules! check {
     ($cond:expr, $($fmt:tt)*) => {
@@ -691,7 +695,7 @@ fn test_shim_runs_containers_through_containerd() {
         "containerd ready and image imported in {:?}",
         started.elapsed()
     );
-    let cases: &[(&str, fn(&Containerd) -> CaseResult)] = &[
+    let cases: &[Case] = &[
         ("echo", case_echo),
         ("exit_codes", case_exit_codes),
         ("c01_exec_failures", case_c01_exec_failures),
