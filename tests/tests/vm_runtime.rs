@@ -417,6 +417,40 @@ mod tests {
             text(&out.stderr)
         );
 
+        let out = w.run(&["exec", "c20a", "nosuchcmd"]);
+        assert_eq!(code(&out), Some(255));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("nosuchcmd") && err.contains("executable file not found in $PATH"),
+            "{err}"
+        );
+        let out = w.run(&["exec", "--cwd", "/does/not/exist", "c20a", "pwd"]);
+        assert_ne!(code(&out), Some(0));
+
+        // c11: exec from a process JSON as another user, with real permission checks.
+        let out = w.run(&[
+            "exec",
+            "c20a",
+            "sh",
+            "-c",
+            "echo secret > /tmp/secret && chmod 600 /tmp/secret",
+        ]);
+        assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+        let process = w.dir.join("exec-process.json");
+        let p = json!({"terminal": false,
+            "user": {"uid": 65534, "gid": 65534, "additionalGids": [266]},
+            "args": ["sh", "-c", "id -u; id -g; id -G; cat /tmp/secret; echo cat_rc=$?"],
+            "env": ["PATH=/bin"], "cwd": "/"});
+        std::fs::write(&process, serde_json::to_vec(&p).unwrap()).unwrap();
+        let out = w.run(&["exec", "-p", process.to_str().unwrap(), "c20a"]);
+        assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "65534\n65534\n65534 266\ncat_rc=1\n");
+        assert!(
+            text(&out.stderr).contains("Permission denied"),
+            "{}",
+            text(&out.stderr)
+        );
+
         let out = w.run(&["ps", "--format", "json", "c20a"]);
         assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
         assert_eq!(
