@@ -169,6 +169,10 @@ pub(super) struct Muxer {
     next_local_port: u32,
     rx_starved: bool,
     limiter: LogLimiter,
+    /// Runs each time a pop finds the rx ring empty: lets tests act as a driver that publishes
+    /// buffers at exactly that moment.
+    #[cfg(test)]
+    on_rx_empty: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl Muxer {
@@ -203,6 +207,8 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             rx_starved: false,
             limiter: LogLimiter::new(Duration::from_secs(5)),
+            #[cfg(test)]
+            on_rx_empty: None,
         })
     }
 
@@ -702,32 +708,48 @@ impl Muxer {
     }
 
     /// Fills rx buffers: control packets first, then data from readable host sockets.
+    ///
+    /// Returns with either nothing left to send or the rx queue empty and its notification
+    /// re-armed, so that the driver's next refill wakes the worker.
     fn process_rx(&mut self) {
         if self.rx_starved {
             return;
         }
-        self.send_ctrl();
-        if !self.rx_starved {
-            let keys: Vec<Key> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.wants_read())
-                .map(|(k, _)| *k)
-                .collect();
-            for key in keys {
-                if self.rx_starved {
-                    break;
-                }
-                self.send_data(key);
+        loop {
+            self.fill_rx();
+            if !self.rx_starved || !self.rxq.enable_notification(&self.mem) {
+                break;
             }
-            // Data reads may have queued SHUTDOWNs or RSTs.
-            self.send_ctrl();
-        }
-        if self.rx_starved && self.rxq.enable_notification(&self.mem) {
-            // Buffers arrived between the last pop and re-enabling notifications.
+            // The driver published buffers after the pop that found the ring empty but before
+            // avail_event moved. With VIRTIO_RING_F_EVENT_IDX it decided whether to notify from
+            // the old avail_event (virtio 1.2, 2.7.10), so no notification may ever come for
+            // them: use them now. Leaving them for a later wake-up stalls control packets (a
+            // credit update, a connection request) until some unrelated event happens.
             self.rx_starved = false;
         }
         self.rxq.signal_used(&self.mem);
+    }
+
+    /// One pass of [`Muxer::process_rx`] without re-arming the notification.
+    fn fill_rx(&mut self) {
+        self.send_ctrl();
+        if self.rx_starved {
+            return;
+        }
+        let keys: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.wants_read())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if self.rx_starved {
+                break;
+            }
+            self.send_data(key);
+        }
+        // Data reads may have queued SHUTDOWNs or RSTs.
+        self.send_ctrl();
     }
 
     /// Pops an rx chain, or marks the queue starved.
@@ -737,6 +759,10 @@ impl Muxer {
                 Some(Popped::Chain(chain)) => return Some(chain),
                 Some(Popped::Bad { head, .. }) => self.rxq.add_used(&self.mem, head, 0),
                 None => {
+                    #[cfg(test)]
+                    if let Some(hook) = self.on_rx_empty.as_mut() {
+                        hook();
+                    }
                     self.rx_starved = true;
                     return None;
                 }

@@ -577,3 +577,86 @@ fn test_vsock_survives_random_tx_packets_and_still_connects() {
     assert_eq!(&buf, b"ok");
     dev.reset();
 }
+
+/// Whether a driver that moved the available index from `old` to `new` must notify, given the
+/// device's avail_event (virtio 1.2, 2.7.10: the `vring_need_event` rule).
+fn driver_must_notify(avail_event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+#[test]
+fn test_vsock_rx_uses_buffers_published_while_rearming_notifications() {
+    let dir = TempDir::new();
+    let mem = test_memory();
+    let mut rx = MockQueue::at(&mem, 0x1000, 256);
+    let tx = MockQueue::at(&mem, 0x5000, 256);
+    let ev = MockQueue::at(&mem, 0x9000, 256);
+    let (mut ctx, _events, _line, _irq) = activate_context(&mem, &[&rx, &tx, &ev]);
+    ctx.acked_features |= VIRTIO_RING_F_EVENT_IDX;
+    let dev = Vsock::new(GUEST_CID, &dir.0.join("v.sock")).unwrap();
+    let mut muxer = Muxer::new(ctx, GUEST_CID, dev.host.clone()).unwrap();
+    let avail_event_at = rx.used_addr().unchecked_add(4 + 8 * u64::from(rx.size()));
+    let avail_event = |mem: &GuestMemoryMmap| u16::from_le(mem.read_obj(avail_event_at).unwrap());
+    let post = |rx: &mut MockQueue<'_>| {
+        let base = RX_BASE + u64::from(rx.next_head()) * 0x2000;
+        rx.add_chain(&[(base, 44 + 4096, true)]);
+    };
+
+    // Two buffers, three packets: the device uses both, finds the ring empty and re-arms
+    // notifications at avail_event 2.
+    post(&mut rx);
+    post(&mut rx);
+    for port in 1..4 {
+        muxer.push_ctrl((port, port), OP_RST, 0);
+    }
+    muxer.process_rx();
+    assert_eq!(rx.used_idx(), 2);
+    assert!(muxer.rx_starved);
+    assert_eq!(avail_event(&mem), 2);
+
+    // The driver posts one buffer and must notify: the worker wakes up (as on RxNotify).
+    post(&mut rx);
+    assert!(driver_must_notify(avail_event(&mem), 3, 2));
+    muxer.rx_starved = false;
+    for port in 4..7 {
+        muxer.push_ctrl((port, port), OP_RST, 0);
+    }
+
+    // The device uses that buffer and finds the ring empty; right then, before it moves
+    // avail_event, the driver publishes two more and checks avail_event, still 2.
+    let hook_mem = mem.clone();
+    let staged_avail = rx.avail_addr().unchecked_add(2);
+    post(&mut rx);
+    post(&mut rx);
+    // Staged in the ring, published by the hook.
+    rx.set_avail_idx(3);
+    let notified = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let notified2 = notified.clone();
+    let mut fired = false;
+    muxer.on_rx_empty = Some(Box::new(move || {
+        if std::mem::replace(&mut fired, true) {
+            return;
+        }
+        hook_mem.write_obj(5u16.to_le(), staged_avail).unwrap();
+        let event = u16::from_le(hook_mem.read_obj(avail_event_at).unwrap());
+        notified2.store(
+            driver_must_notify(event, 5, 3),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }));
+    muxer.process_rx();
+    assert!(
+        !notified.load(std::sync::atomic::Ordering::SeqCst),
+        "the driver saw a stale avail_event and does not notify"
+    );
+    // Nothing will wake the worker for those two buffers: it must have used them already.
+    assert_eq!(
+        rx.used_idx(),
+        5,
+        "buffers posted while re-arming were left unused"
+    );
+    assert_eq!(muxer.ctrl.len(), 1);
+    // And with the ring empty again, avail_event now asks for a notification on the next post.
+    assert!(muxer.rx_starved);
+    assert!(driver_must_notify(avail_event(&mem), 6, 5));
+}
