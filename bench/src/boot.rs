@@ -89,7 +89,10 @@ impl Drop for Vm {
 }
 
 fn spawn_console_reader(child: &mut Child, start: Instant) -> anyhow::Result<Lines> {
-    let out = child.stdout.take().context("the VMM's stdout is not piped")?;
+    let out = child
+        .stdout
+        .take()
+        .context("the VMM's stdout is not piped")?;
     let lines: Lines = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&lines);
     std::thread::spawn(move || {
@@ -170,14 +173,15 @@ fn rss_kib(pid: u32, mem_mib: u32) -> anyhow::Result<(u64, u64)> {
             cur_size = 0;
             continue;
         }
-        let value = words.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let value = words
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
         match first {
             "Size:" => cur_size = value,
             "Rss:" => {
                 total += value;
-                if cur_anon
-                    && cur_size >= want_kib
-                    && best.is_none_or(|(size, _)| cur_size < size)
+                if cur_anon && cur_size >= want_kib && best.is_none_or(|(size, _)| cur_size < size)
                 {
                     best = Some((cur_size, value));
                 }
@@ -188,7 +192,11 @@ fn rss_kib(pid: u32, mem_mib: u32) -> anyhow::Result<(u64, u64)> {
     Ok((total, best.map_or(0, |(_, rss)| rss)))
 }
 
-async fn wait_agent(endpoint: &AgentEndpoint, vm: &mut Vm, deadline: Instant) -> anyhow::Result<()> {
+async fn wait_agent(
+    endpoint: &AgentEndpoint,
+    vm: &mut Vm,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     loop {
         // Zero deadline: one dial per call, so the loop polls every few milliseconds instead
         // of the client's own 50 ms retry step.
@@ -257,10 +265,20 @@ async fn boot(args: &BootArgs) -> anyhow::Result<Value> {
                 &json!({"kernel_image_path": args.kernel, "initrd_path": args.initramfs,
                         "boot_args": args.boot_args}),
             )?;
-            api_request(&api, "PUT", "/vsock", &json!({"guest_cid": 3, "uds_path": uds}))?;
+            api_request(
+                &api,
+                "PUT",
+                "/vsock",
+                &json!({"guest_cid": 3, "uds_path": uds}),
+            )?;
             api_request(&api, "PUT", "/entropy", &json!({}))?;
             phases.insert("configured_s".into(), json!(secs(start.elapsed())));
-            api_request(&api, "PUT", "/actions", &json!({"action_type": "InstanceStart"}))?;
+            api_request(
+                &api,
+                "PUT",
+                "/actions",
+                &json!({"action_type": "InstanceStart"}),
+            )?;
             phases.insert("instance_started_s".into(), json!(secs(start.elapsed())));
             (vm, lines, AgentEndpoint::HybridVsock { uds_path: uds })
         }
@@ -270,7 +288,13 @@ async fn boot(args: &BootArgs) -> anyhow::Result<Value> {
             let mut child = Command::new(&args.bin)
                 .args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"])
                 .args(["-m", &args.mem_mib.to_string(), "-smp", "1"])
-                .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+                .args([
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-display",
+                    "none",
+                    "-no-reboot",
+                ])
                 .args(["-serial", "stdio"])
                 .arg("-kernel")
                 .arg(&args.kernel)
@@ -302,7 +326,8 @@ async fn boot(args: &BootArgs) -> anyhow::Result<Value> {
         .iter()
         .map(|(t, l)| format!("{:10.6} {l}\n", t.as_secs_f64()))
         .collect();
-    std::fs::write(args.workdir.join("console.log"), console).context("writing the console copy")?;
+    std::fs::write(args.workdir.join("console.log"), console)
+        .context("writing the console copy")?;
     if let Some((t, _)) = lines.first() {
         phases.insert("first_console_s".into(), json!(secs(*t)));
     }
@@ -327,7 +352,10 @@ async fn boot(args: &BootArgs) -> anyhow::Result<Value> {
     );
     phases.insert("rss_total_kib".into(), json!(rss_total_kib));
     phases.insert("rss_guest_kib".into(), json!(rss_guest_kib));
-    phases.insert("vmm".into(), json!(format!("{:?}", args.vmm).to_lowercase()));
+    phases.insert(
+        "vmm".into(),
+        json!(format!("{:?}", args.vmm).to_lowercase()),
+    );
     phases.insert("mem_mib".into(), json!(args.mem_mib));
     Ok(Value::Object(phases))
 }

@@ -104,7 +104,8 @@ fn text<DB: DrawingBackend>(
 }
 
 fn samples<'a>(c: &'a BTreeMap<String, Collected>, id: &str, squib: bool) -> &'a [f64] {
-    c.get(id).map_or(&[], |m| if squib { &m.squib } else { &m.peer })
+    c.get(id)
+        .map_or(&[], |m| if squib { &m.squib } else { &m.peer })
 }
 
 #[expect(
@@ -130,7 +131,13 @@ pub fn draw(path: &Path, c: &BTreeMap<String, Collected>) -> anyhow::Result<()> 
     let de = |e| anyhow::anyhow!("drawing: {e:?}");
 
     // Left: start latency distributions, each row on its own scale (seconds).
-    text(&root, 20, 12, "START LATENCY, SECONDS (DOTS: RUNS, BAR: MEDIAN)", &ink)?;
+    text(
+        &root,
+        20,
+        12,
+        "START LATENCY, SECONDS (DOTS: RUNS, BAR: MEDIAN)",
+        &ink,
+    )?;
     let rows: [(&str, &str, bool, &RGBColor); 4] = [
         ("SQUIB CTR RUN", "ctr_run_true", true, &squib_color),
         ("RUNC CTR RUN", "ctr_run_true", false, &peer_color),
@@ -151,8 +158,11 @@ pub fn draw(path: &Path, c: &BTreeMap<String, Collected>) -> anyhow::Result<()> 
         for (k, (label, id, squib, color)) in rows_here.enumerate() {
             let y = base_y + i32::try_from(k).unwrap_or(0) * 55;
             text(&root, 20, y - 6, label, &ink)?;
-            root.draw(&PathElement::new(vec![(x0, y), (x0 + w, y)], RGBColor(200, 200, 200)))
-                .map_err(de)?;
+            root.draw(&PathElement::new(
+                vec![(x0, y), (x0 + w, y)],
+                RGBColor(200, 200, 200),
+            ))
+            .map_err(de)?;
             let xs = samples(c, id, *squib);
             if xs.is_empty() {
                 text(&root, x0 + 10, y - 6, "NOT MEASURED", &ink)?;
@@ -163,8 +173,11 @@ pub fn draw(path: &Path, c: &BTreeMap<String, Collected>) -> anyhow::Result<()> 
             }
             if let Some(s) = stats(xs) {
                 let mx = px(s.median, max, x0, w);
-                root.draw(&Rectangle::new([(mx - 1, y - 14), (mx + 2, y + 14)], ink.filled()))
-                    .map_err(de)?;
+                root.draw(&Rectangle::new(
+                    [(mx - 1, y - 14), (mx + 2, y + 14)],
+                    ink.filled(),
+                ))
+                .map_err(de)?;
                 text(&root, x0 + w + 10, y - 6, &format!("{:.2}", s.median), &ink)?;
             }
         }
@@ -185,8 +198,16 @@ pub fn draw(path: &Path, c: &BTreeMap<String, Collected>) -> anyhow::Result<()> 
     let rx = 620;
     text(&root, rx, 12, "SQUIB BOOT PHASES, MEDIAN SECONDS", &ink)?;
     let phases = [
-        ("PROCESS START", "boot_phase_process", RGBColor(120, 120, 120)),
-        ("INSTANCESTART", "boot_phase_instance_start", RGBColor(230, 160, 40)),
+        (
+            "PROCESS START",
+            "boot_phase_process",
+            RGBColor(120, 120, 120),
+        ),
+        (
+            "INSTANCESTART",
+            "boot_phase_instance_start",
+            RGBColor(230, 160, 40),
+        ),
         ("KERNEL TO INIT", "boot_phase_kernel", RGBColor(60, 140, 60)),
         ("INIT TO AGENT", "boot_phase_agent", RGBColor(150, 60, 170)),
     ];
@@ -201,14 +222,20 @@ pub fn draw(path: &Path, c: &BTreeMap<String, Collected>) -> anyhow::Result<()> 
         let a = px(acc, total, rx, bw);
         acc += m;
         let b = px(acc, total, rx, bw);
-        root.draw(&Rectangle::new([(a, by), (b.max(a + 1), by + 40)], color.filled()))
-            .map_err(de)?;
+        root.draw(&Rectangle::new(
+            [(a, by), (b.max(a + 1), by + 40)],
+            color.filled(),
+        ))
+        .map_err(de)?;
         let _ = label;
     }
     for (i, ((label, _, color), m)) in phases.iter().zip(&medians).enumerate() {
         let y = by + 70 + i32::try_from(i).unwrap_or(0) * 30;
-        root.draw(&Rectangle::new([(rx, y), (rx + 16, y + 14)], color.filled()))
-            .map_err(de)?;
+        root.draw(&Rectangle::new(
+            [(rx, y), (rx + 16, y + 14)],
+            color.filled(),
+        ))
+        .map_err(de)?;
         text(&root, rx + 26, y, &format!("{label} {m:.3}"), &ink)?;
     }
     text(

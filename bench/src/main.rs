@@ -11,7 +11,10 @@ use clap::{Parser, Subcommand};
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(name = "squib-bench", about = "squib measured side by side with its peers")]
+#[command(
+    name = "squib-bench",
+    about = "squib measured side by side with its peers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

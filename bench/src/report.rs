@@ -296,7 +296,11 @@ fn collect_boots(boots: &[Value], out: &mut BTreeMap<String, Collected>) {
         }
         push(out, "boot_agent_ready", f(b, "agent_ready_s"));
         push(out, "boot_marker", f(b, "marker_s"));
-        push(out, "vmm_guest_touched_128", f(b, "rss_guest_kib").map(|g| g / MIB));
+        push(
+            out,
+            "vmm_guest_touched_128",
+            f(b, "rss_guest_kib").map(|g| g / MIB),
+        );
         if vmm == "squib" {
             let api = f(b, "api_ready_s");
             let conf = f(b, "configured_s");
@@ -304,8 +308,16 @@ fn collect_boots(boots: &[Value], out: &mut BTreeMap<String, Collected>) {
             let init = f(b, "init_s");
             let ready = f(b, "agent_ready_s");
             push(out, "boot_phase_process", api);
-            push(out, "boot_phase_instance_start", started.zip(conf).map(|(s, c)| s - c));
-            push(out, "boot_phase_kernel", init.zip(started).map(|(i, s)| i - s));
+            push(
+                out,
+                "boot_phase_instance_start",
+                started.zip(conf).map(|(s, c)| s - c),
+            );
+            push(
+                out,
+                "boot_phase_kernel",
+                init.zip(started).map(|(i, s)| i - s),
+            );
             push(out, "boot_phase_agent", ready.zip(init).map(|(r, i)| r - i));
         }
     }
