@@ -743,8 +743,16 @@ fn switch_user(p: &ProcessSettings) -> Result<(), Failure> {
             .map_err(|e| cap_err("permitted", e))?;
         caps::set(None, CapSet::Inheritable, &to_set(&c.inheritable))
             .map_err(|e| cap_err("inheritable", e))?;
+        // The kernel raises an ambient capability only when it is both permitted and
+        // inheritable (capabilities(7)). Specs written for runc often list ambient
+        // capabilities without the matching inheritable ones (runc skips those), so raise only
+        // the ones the kernel can accept instead of refusing to start the process.
+        let permitted = to_set(&c.permitted);
+        let inheritable = to_set(&c.inheritable);
         for cap in to_set(&c.ambient) {
-            caps::raise(None, CapSet::Ambient, cap).map_err(|e| cap_err("ambient", e))?;
+            if permitted.contains(&cap) && inheritable.contains(&cap) {
+                caps::raise(None, CapSet::Ambient, cap).map_err(|e| cap_err("ambient", e))?;
+            }
         }
     }
     if p.no_new_privileges {

@@ -382,6 +382,26 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn test_agent_raises_only_ambient_capabilities_the_kernel_accepts() {
+        require_host!();
+        let a = start_agent("ambient").await;
+        // Like runc's default spec: an ambient capability (CAP_AUDIT_WRITE) that is not
+        // inheritable must not stop the process; the inheritable one (CAP_NET_BIND_SERVICE,
+        // bit 10) must survive the switch to a non-root user.
+        let mut spec = base_spec(&["sh", "-c", "grep CapAmb /proc/self/status"]);
+        spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+        let caps = json!(["CAP_NET_BIND_SERVICE", "CAP_AUDIT_WRITE", "CAP_KILL"]);
+        spec["process"]["capabilities"] = json!({
+            "bounding": caps, "effective": caps, "permitted": caps,
+            "inheritable": ["CAP_NET_BIND_SERVICE"],
+            "ambient": ["CAP_NET_BIND_SERVICE", "CAP_AUDIT_WRITE"]
+        });
+        let r = run(&a, "amb", &spec, None).await;
+        assert_eq!(r.err.text(), "");
+        assert_eq!(r.out.text(), "CapAmb:\t0000000000000400\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn test_agent_reports_missing_and_unexecutable_programs_at_create() {
         require_host!();
         let a = start_agent("missing").await;
