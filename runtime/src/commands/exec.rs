@@ -26,7 +26,7 @@ pub struct ExecArgs {
     /// The working directory.
     #[arg(long)]
     pub cwd: Option<String>,
-    /// UID[:GID] to run as.
+    /// User to run as: `UID` or `UID:GID`.
     #[arg(short, long)]
     pub user: Option<String>,
     /// A JSON file with the whole OCI process to run (overrides the other options).
