@@ -117,37 +117,51 @@ impl Sandbox {
             vsock_uds: vsock_uds.clone(),
         };
 
-        let serial = SerialConfig {
-            serial_out_path: Some(config.console_log.clone()),
-        };
-        let mut actions = vec![ApiAction::PutSerial(serial)];
-        actions.extend(config.plan.actions());
-        actions.push(ApiAction::InstanceStart);
-        for action in actions {
-            let name = action.name();
-            controller
-                .dispatch(action)
-                .await
-                .map_err(|source| SandboxError::Dispatch {
-                    action: name,
-                    source,
-                })?;
-        }
+        // The boot steps run in a block so that, on failure, this function's reference to the
+        // controller is gone before `guard` drops: the guard ends the event loop by dropping the
+        // last reference and then joins it, which would wait forever on a live reference.
+        let result: Result<AgentClient, SandboxError> = async {
+            let serial = SerialConfig {
+                serial_out_path: Some(config.console_log.clone()),
+            };
+            let mut actions = vec![ApiAction::PutSerial(serial)];
+            actions.extend(config.plan.actions());
+            actions.push(ApiAction::InstanceStart);
+            for action in actions {
+                let name = action.name();
+                controller
+                    .dispatch(action)
+                    .await
+                    .map_err(|source| SandboxError::Dispatch {
+                        action: name,
+                        source,
+                    })?;
+            }
 
-        let endpoint = AgentEndpoint::HybridVsock {
-            uds_path: vsock_uds.clone(),
-        };
-        let connect = AgentClient::connect(endpoint, config.agent_deadline);
-        let agent = tokio::select! {
-            result = connect => result.map_err(|source| SandboxError::Agent {
-                console: config.console_log.clone(),
-                source,
-            })?,
-            Some(reason) = stops.recv() => {
-                return Err(SandboxError::GuestStopped {
-                    reason,
+            let endpoint = AgentEndpoint::HybridVsock {
+                uds_path: vsock_uds.clone(),
+            };
+            let connect = AgentClient::connect(endpoint, config.agent_deadline);
+            let agent = tokio::select! {
+                result = connect => result.map_err(|source| SandboxError::Agent {
                     console: config.console_log.clone(),
-                });
+                    source,
+                })?,
+                Some(reason) = stops.recv() => {
+                    return Err(SandboxError::GuestStopped {
+                        reason,
+                        console: config.console_log.clone(),
+                    });
+                }
+            };
+            Ok(agent)
+        }
+        .await;
+        let agent = match result {
+            Ok(agent) => agent,
+            Err(e) => {
+                drop(controller);
+                return Err(e);
             }
         };
         let (controller, event_loop) = guard.disarm();
