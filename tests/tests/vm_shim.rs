@@ -4,220 +4,24 @@
 //! PATH and a locally built busybox image imported; each case is a `ctr` command line and its
 //! expected output, taken from the cases of other runtimes' bugs where one applies (c01, c02,
 //! c04, c05, c08). The cases run one after another and the test fails listing those that
-//! failed, so one broken case does not hide the others.
-//!
-//! Inputs: the shim binary next to this test's directory in the target dir (the runner builds
-//! it), SQUIB_TEST_KERNEL, the agent initramfs (SQUIB_AGENT_INITRAMFS or
-//! `${SQUIB_CACHE:-$HOME/.cache/squib}/guest/initramfs`, from `make guest-image`), containerd,
-//! ctr and busybox-static on the host.
+//! failed, so one broken case does not hide the others. The harness is `shim_harness`.
 
 // Everything here is test code: the helpers may unwrap like the tests they serve.
 #![cfg(test)]
 
+mod shim_harness;
+
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use shim_harness::{
+    CMD_TIMEOUT, Case, CaseResult, Containerd, IMAGE, NS, describe, run_cases, shim_children,
+    wait_child,
+};
 use squib_tests::process::output_with_timeout;
 use squib_tests::vm_env;
-
-const NS: &str = "squib-test";
-const IMAGE: &str = "docker.io/library/busybox:latest";
-/// One `ctr` command inside the nested guest: boot included, this is generous.
-const CMD_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn agent_initramfs() -> PathBuf {
-    if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("SQUIB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/squib")
-        });
-    cache.join("guest/initramfs")
-}
-
-fn shim_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("SQUIB_SHIM_DIR") {
-        return PathBuf::from(p);
-    }
-    // <target>/debug/deps/vm_shim-HASH -> <target>/debug
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// A private containerd, stopped (with whatever it mounted) on drop.
-struct Containerd {
-    dir: PathBuf,
-    sock: String,
-    config: PathBuf,
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = Command::new(vm_env::repo_root().join("scripts/containerd-private"))
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
-        if let Some(results) = vm_env::results_dir() {
-            let _ = std::fs::copy(
-                self.dir.join("containerd.log"),
-                results.join("shim-containerd.log"),
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Containerd {
-    fn start() -> Self {
-        let shim = shim_dir().join("containerd-shim-squib-v2");
-        assert!(
-            shim.is_file(),
-            "no shim at {}: build it first",
-            shim.display()
-        );
-        let initramfs = agent_initramfs();
-        assert!(
-            initramfs.is_file(),
-            "no agent initramfs at {}: run `make guest-image`",
-            initramfs.display()
-        );
-        let kernel = vm_env::test_kernel().unwrap();
-        // overlayfs upper directories cannot live on the VM test host's overlay root.
-        let dir = PathBuf::from(format!("/tmp/squib-shim-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("shim.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "kernel = {:?}\ninitramfs = {:?}\nrootfs_cache = {:?}\nboot_args = \"squib.log=debug\"\nagent_timeout_secs = 200\n",
-                kernel.display().to_string(),
-                initramfs.display().to_string(),
-                dir.join("rootfs-cache").display().to_string(),
-            ),
-        )
-        .unwrap();
-        let out = output_with_timeout(
-            Command::new(vm_env::repo_root().join("scripts/containerd-private"))
-                .arg("start")
-                .arg(&dir)
-                .env("SQUIB_SHIM_DIR", shim_dir())
-                .env("CONTAINERD_LOG_LEVEL", "debug"),
-            Duration::from_secs(180),
-        )
-        .unwrap();
-        let mut c = Self {
-            dir: dir.clone(),
-            sock: String::new(),
-            config,
-        };
-        assert!(
-            out.status.success(),
-            "containerd did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        c.sock = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let tar = dir.join("busybox.tar");
-        let out = output_with_timeout(
-            Command::new(vm_env::repo_root().join("scripts/mk-oci-image"))
-                .arg("--busybox")
-                .arg(&tar),
-            Duration::from_secs(120),
-        )
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "mk-oci-image: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = c.ctr(&["image", "import", tar.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "import: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        c
-    }
-
-    fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
-        cmd.args(["-a", &self.sock, "-n", NS]).args(args);
-        cmd
-    }
-
-    fn ctr(&self, args: &[&str]) -> squib_tests::process::TimedOutput {
-        output_with_timeout(&mut self.ctr_cmd(args), CMD_TIMEOUT).unwrap()
-    }
-
-    /// `ctr run` with squib (`--rm` unless detached); `flags` go before the image.
-    fn run(&self, flags: &[&str], id: &str, args: &[&str]) -> squib_tests::process::TimedOutput {
-        let config = self.config.display().to_string();
-        let mut all = vec![
-            "run",
-            "--runtime",
-            "io.containerd.squib.v2",
-            "--runtime-config-path",
-            &config,
-        ];
-        if !flags.contains(&"-d") {
-            all.push("--rm");
-        }
-        all.extend_from_slice(flags);
-        all.push(IMAGE);
-        all.push(id);
-        all.extend_from_slice(args);
-        self.ctr(&all)
-    }
-
-    /// A detached container running `sleep 1000`.
-    fn run_detached(&self, id: &str) -> Result<(), String> {
-        let out = self.run(&["-d"], id, &["sleep", "1000"]);
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("ctr run -d {id}: {}", describe(&out)))
-        }
-    }
-
-    fn remove(&self, id: &str) {
-        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-        for _ in 0..100 {
-            let out = self.ctr(&["task", "delete", id]);
-            let err = String::from_utf8_lossy(&out.stderr);
-            if out.status.success() || err.contains("not found") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        let _ = self.ctr(&["container", "delete", id]);
-    }
-}
-
-fn describe(out: &squib_tests::process::TimedOutput) -> String {
-    format!(
-        "status {:?}{} after {:?}; stdout {:?}; stderr {:?}",
-        out.status.code(),
-        if out.timed_out { " (timed out)" } else { "" },
-        out.elapsed,
-        String::from_utf8_lossy(out.stdout.get(..2000.min(out.stdout.len())).unwrap_or(&[])),
-        String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-type CaseResult = Result<(), String>;
-type Case = (&'static str, fn(&Containerd) -> CaseResult);
-
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)*) => {
-        if !$cond {
-            return Err(format!($($fmt)*));
-        }
-    };
-}
 
 fn case_echo(c: &Containerd) -> CaseResult {
     let out = c.run(&[], "echo", &["echo", "hello from squib"]);
@@ -284,21 +88,6 @@ fn case_c01_exec_failures(c: &Containerd) -> CaseResult {
     );
     check!(!listed.contains("c01"), "c01 leftovers: {listed:?}");
     Ok(())
-}
-
-fn shim_children() -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(exe) = std::fs::read_link(entry.path().join("exe"))
-            && exe.to_string_lossy().contains("containerd-shim-squib-v2")
-        {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 fn case_delete_leaves_nothing(c: &Containerd) -> CaseResult {
@@ -425,26 +214,6 @@ fn case_kill(c: &Containerd) -> CaseResult {
         "c02b: status {code:?}, stdout {stdout:?}, stderr {stderr:?}"
     );
     Ok(())
-}
-
-fn wait_child(mut child: Child, limit: Duration) -> Option<(Option<i32>, String, String)> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            let out = child.wait_with_output().ok()?;
-            return Some((
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn case_exec(c: &Containerd) -> CaseResult {
@@ -685,16 +454,7 @@ fn case_run_stdin(c: &Containerd) -> CaseResult {
 
 #[test]
 fn test_shim_runs_containers_through_containerd() {
-    if vm_env::test_kernel().is_err() {
-        eprintln!("skipped: SQUIB_TEST_KERNEL is not set (run through tests/run-vm-tests)");
-        return;
-    }
-    let started = Instant::now();
-    let c = Containerd::start();
-    eprintln!(
-        "containerd ready and image imported in {:?}",
-        started.elapsed()
-    );
+    vm_env::test_kernel().expect("SQUIB_TEST_KERNEL: run VM tests through tests/run-vm-tests");
     let cases: &[Case] = &[
         ("echo", case_echo),
         ("exit_codes", case_exit_codes),
@@ -706,21 +466,5 @@ fn test_shim_runs_containers_through_containerd() {
         ("terminal", case_terminal),
         ("run_stdin", case_run_stdin),
     ];
-    let filter = std::env::var("SQUIB_SHIM_CASES").unwrap_or_default();
-    let mut failed = Vec::new();
-    for (name, case) in cases {
-        if !filter.is_empty() && !filter.split(',').any(|f| f == *name) {
-            continue;
-        }
-        let t = Instant::now();
-        match case(&c) {
-            Ok(()) => eprintln!("case {name}: ok ({:?})", t.elapsed()),
-            Err(e) => {
-                eprintln!("case {name}: FAILED ({:?}): {e}", t.elapsed());
-                failed.push(*name);
-            }
-        }
-    }
-    drop(c);
-    assert!(failed.is_empty(), "failed cases: {failed:?}");
+    run_cases(cases);
 }
