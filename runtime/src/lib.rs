@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod agent_client;
+pub mod console;
 pub mod mounts;
 pub mod plan;
 pub mod rootfs;
