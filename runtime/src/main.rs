@@ -99,6 +99,9 @@ enum Command {
     /// Host a created container's microVM (started by `create`; not for direct use).
     #[command(hide = true)]
     Monitor(monitor::MonitorArgs),
+    /// Bridge a detached exec's terminal (started by `exec --detach --console-socket`).
+    #[command(hide = true)]
+    ExecAttach(commands::exec::AttachArgs),
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
@@ -122,8 +125,9 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
                 builder.init();
             }
         }
-        // The monitor's stderr is the container's stderr: without --log it logs nowhere.
-        (None, _) if matches!(cli.command, Command::Monitor(_)) => {}
+        // The monitor's stderr is the container's stderr: without --log it logs nowhere; nor
+        // does the detached terminal helper, whose stderr is /dev/null.
+        (None, _) if matches!(cli.command, Command::Monitor(_) | Command::ExecAttach(_)) => {}
         (None, LogFormat::Json) => builder.with_writer(std::io::stderr).json().init(),
         (None, LogFormat::Text) => builder.with_writer(std::io::stderr).init(),
     }
@@ -152,6 +156,7 @@ fn main() -> ExitCode {
         Command::Events(a) => commands::events::run(&ctx, &a),
         Command::Spec(a) => commands::spec::run(&a),
         Command::Monitor(a) => monitor::run(&ctx, &a),
+        Command::ExecAttach(a) => commands::exec::attach(&ctx, &a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -4,9 +4,11 @@
 //! same code in its own process. The monitor boots the [`Sandbox`] (VMM embedded, agent reached
 //! over `<state>/vsock.sock`, guest console in `<state>/console.log`), creates the container
 //! through the agent with the monitor's own stdin/stdout/stderr as the container's stdio (as
-//! runc's create hands its descriptors to the container), records `created` with its pid and
-//! start time, and reports readiness to `create` through an inherited pipe: one line, `ok` or
-//! `error <text>`.
+//! runc's create hands its descriptors to the container) or, with `process.terminal`, with the
+//! slave of the host pty whose master `create` sent to the console socket (`--console-fd`; the
+//! slave becomes the monitor's controlling terminal so that resizes reach it), records
+//! `created` with its pid and start time, and reports readiness to `create` through an
+//! inherited pipe: one line, `ok` or `error <text>`.
 //!
 //! It then serves a line protocol on `<state>/monitor.sock` (`start`, `pause`, `resume`; each
 //! answered `ok` or `error <text>`) and the Firecracker-compatible API on `<state>/api.sock`
@@ -16,6 +18,7 @@
 
 use std::fs::File;
 use std::io::Write as _;
+use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +34,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::commands::tty::ConsoleSlave;
 use crate::commands::{
     self, API_SOCKET, CONSOLE_LOG, Context, MONITOR_SOCKET, VSOCK_SOCKET, process_start_time,
 };
@@ -54,6 +58,10 @@ pub struct MonitorArgs {
     /// The descriptor to report readiness on.
     #[arg(long)]
     pub ready_fd: Option<i32>,
+    /// The descriptor holding the slave of the container's host pty (`process.terminal`),
+    /// whose master `create` sent to the console socket.
+    #[arg(long)]
+    pub console_fd: Option<i32>,
 }
 
 /// Entry point of `squib monitor`.
@@ -66,16 +74,28 @@ pub fn run(ctx: &Context, args: &MonitorArgs) -> anyhow::Result<u8> {
     // Leave the caller's session so that its terminal hanging up does not end the VM.
     let _ = nix::unistd::setsid();
     let mut ready = args.ready_fd.map(ready_pipe).transpose()?;
-    let outcome = commands::runtime().and_then(|rt| {
-        rt.block_on(async {
-            let id = ContainerId::new(&args.id)?;
-            let state = ctx.root.load(&id)?;
-            let assets = commands::guest_assets(ctx)?;
-            let stdio = inherited_stdio(false);
-            let booted = Booted::boot(ctx, state, &assets, stdio).await?;
-            booted.serve(ctx, false, ready.take()).await
-        })
-    });
+    let outcome = args
+        .console_fd
+        .map(console_slave)
+        .transpose()
+        .and_then(|slave| Ok((slave, commands::runtime()?)))
+        .and_then(|(slave, rt)| {
+            rt.block_on(async {
+                let id = ContainerId::new(&args.id)?;
+                let state = ctx.root.load(&id)?;
+                let assets = commands::guest_assets(ctx)?;
+                let console = slave.map(ConsoleSlave::attach).transpose()?;
+                let stdio = match &console {
+                    Some(c) => c.stdio()?,
+                    None => inherited_stdio(false),
+                };
+                let booted = Booted::boot(ctx, state, &assets, stdio).await?;
+                if let Some(c) = console {
+                    c.forward(booted.agent().clone(), id.to_string(), String::new());
+                }
+                booted.serve(ctx, false, ready.take()).await
+            })
+        });
     match outcome {
         Ok(_) => Ok(0),
         Err(e) => {
@@ -89,7 +109,7 @@ pub fn run(ctx: &Context, args: &MonitorArgs) -> anyhow::Result<u8> {
 }
 
 /// Opens the readiness pipe handed over as descriptor `fd`.
-fn ready_pipe(fd: i32) -> anyhow::Result<File> {
+pub fn ready_pipe(fd: i32) -> anyhow::Result<File> {
     // Reopening through /proc gives an owned handle to the same pipe without taking ownership
     // of a raw descriptor number.
     let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
@@ -97,6 +117,22 @@ fn ready_pipe(fd: i32) -> anyhow::Result<File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening the readiness descriptor {fd}"))
+}
+
+/// Takes the pty slave handed over as descriptor `fd`.
+pub fn console_slave(fd: i32) -> anyhow::Result<OwnedFd> {
+    // Only take ownership of a descriptor that is open (closing one that is not would be a bug
+    // of its own).
+    let link = PathBuf::from(format!("/proc/self/fd/{fd}"));
+    std::fs::symlink_metadata(&link)
+        .with_context(|| format!("the console descriptor {fd} is not open"))?;
+    // SAFETY: `create` (or `exec --detach`) maps the pty slave onto this number for this process
+    // alone and nothing else in this process opens, owns or closes it; it was just seen open,
+    // and this is the only place that takes it, once per process.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    squib_runtime::console::window_size(&slave)
+        .with_context(|| format!("the console descriptor {fd} is not a terminal"))?;
+    Ok(slave)
 }
 
 /// Flattens an error chain onto one line for the line protocols.

@@ -1,13 +1,16 @@
 //! `squib create`: checks the bundle, records the container, builds (or reuses) its root
-//! image, then starts the detached monitor that boots the microVM and creates the container,
-//! and waits for its one-line readiness report.
+//! image, hands a terminal's master to the console socket when the process has one, then
+//! starts the detached monitor that boots the microVM and creates the container, and waits for
+//! its one-line readiness report.
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::Context as _;
 use command_fds::{CommandFdExt, FdMapping};
+use squib_runtime::console::HostPty;
 use squib_runtime::plan::GuestAssets;
 use squib_runtime::rootfs::{CacheKey, ImageCache, ImageFormat};
 use squib_runtime::state::{ContainerId, ContainerState, Status};
@@ -15,7 +18,9 @@ use squib_runtime::state::{ContainerId, ContainerState, Status};
 use super::{Context, IMAGE_CACHE_MAX_BYTES, guest_assets, write_pid_file};
 
 /// The descriptor number the monitor receives its readiness pipe on.
-const READY_FD: i32 = 3;
+pub const READY_FD: i32 = 3;
+/// The descriptor number the monitor receives the slave of the container's host pty on.
+pub const CONSOLE_FD: i32 = 4;
 
 /// `squib create` arguments.
 #[derive(Debug, clap::Args)]
@@ -48,16 +53,55 @@ pub struct Prepared {
     pub assets: GuestAssets,
     /// `process.terminal` of its spec.
     pub terminal: bool,
+    /// `process.consoleSize` of its spec as (rows, columns).
+    pub console_size: Option<(u16, u16)>,
 }
 
-/// Checks `bundle`, records container `id` and readies its root image. Nothing is left
+/// Checks the terminal options the way runc does: a process with a terminal that the runtime
+/// does not attach to the caller (`create`, `run --detach`, `exec --detach`) needs a console
+/// socket to hand the terminal over, and a console socket is only for such a process.
+///
+/// # Errors
+///
+/// Either mismatch, naming `process.terminal` and the flag.
+pub fn check_console_socket(
+    terminal: bool,
+    detach: bool,
+    console_socket: Option<&Path>,
+) -> anyhow::Result<()> {
+    if detach && terminal && console_socket.is_none() {
+        anyhow::bail!(
+            "process.terminal = true: cannot allocate tty if squib will detach without setting \
+             console socket (--console-socket)"
+        );
+    }
+    if let Some(path) = console_socket
+        && !(detach && terminal)
+    {
+        anyhow::bail!(
+            "--console-socket {}: cannot use console socket if squib will not detach or \
+             allocate tty (process.terminal = {terminal})",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks `bundle` (and, see [`check_console_socket`], its terminal against `detach` and
+/// `console_socket`), records container `id` and readies its root image. Nothing is left
 /// behind on error.
 ///
 /// # Errors
 ///
-/// Invalid id, bad spec (naming the field and value), missing root, no guest assets,
-/// duplicate id, or a failed image build.
-pub fn prepare(ctx: &Context, id: &str, bundle: &Path) -> anyhow::Result<Prepared> {
+/// Invalid id, bad spec (naming the field and value), missing root, terminal options that do
+/// not fit, no guest assets, duplicate id, or a failed image build.
+pub fn prepare(
+    ctx: &Context,
+    id: &str,
+    bundle: &Path,
+    detach: bool,
+    console_socket: Option<&Path>,
+) -> anyhow::Result<Prepared> {
     let id = ContainerId::new(id)?;
     let bundle =
         std::path::absolute(bundle).with_context(|| format!("bundle path {}", bundle.display()))?;
@@ -83,6 +127,16 @@ pub fn prepare(ctx: &Context, id: &str, bundle: &Path) -> anyhow::Result<Prepare
         .as_ref()
         .and_then(|p| p.terminal())
         .unwrap_or(false);
+    check_console_socket(terminal, detach, console_socket)?;
+    // Sizes beyond a terminal's 16 bits are clamped; the guest agent applies the same spec.
+    let console_size = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.console_size())
+        .map(|b| {
+            let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+            (clamp(b.height()), clamp(b.width()))
+        });
     let assets = guest_assets(ctx)?;
     let mut state = ContainerState {
         id: id.clone(),
@@ -123,6 +177,7 @@ pub fn prepare(ctx: &Context, id: &str, bundle: &Path) -> anyhow::Result<Prepare
         state,
         assets,
         terminal,
+        console_size,
     })
 }
 
@@ -142,28 +197,31 @@ pub fn run(ctx: &Context, args: &CreateArgs) -> anyhow::Result<u8> {
 
 /// Creates the container with a detached monitor; returns the monitor's pid.
 ///
+/// With `process.terminal`, a host pty sized to `process.consoleSize` is allocated, its master
+/// is sent to `console_socket` before the VM boots, and the monitor keeps the slave: it copies
+/// between the slave and the guest pty and forwards resizes made on the master.
+///
 /// # Errors
 ///
-/// As [`run`].
+/// As [`run`]; and the console socket cannot be reached.
 pub fn create_detached(
     ctx: &Context,
     id: &str,
     bundle: &Path,
     console_socket: Option<&Path>,
 ) -> anyhow::Result<i32> {
-    let prepared = prepare(ctx, id, bundle)?;
+    let prepared = prepare(ctx, id, bundle, true, console_socket)?;
     let cid = prepared.state.id.clone();
     let spawned = (|| -> anyhow::Result<i32> {
-        if prepared.terminal || console_socket.is_some() {
-            // Known limitation: a terminal for a detached container needs the pty master
-            // handed to --console-socket, which the monitor does not do yet; `squib run` in
-            // the foreground does support process.terminal.
-            anyhow::bail!(
-                "config.json: process.terminal = true: a terminal with create/--console-socket \
-                 is not supported yet (use `squib run` in the foreground)"
-            );
-        }
-        spawn_monitor(ctx, &cid)
+        let console = match console_socket {
+            Some(path) if prepared.terminal => {
+                let pty = HostPty::open(prepared.console_size)
+                    .context("allocating the container's terminal")?;
+                Some(pty.send_master(path)?)
+            }
+            _ => None,
+        };
+        spawn_monitor(ctx, &cid, console)
     })();
     match spawned {
         Ok(pid) => Ok(pid),
@@ -174,10 +232,13 @@ pub fn create_detached(
     }
 }
 
-fn spawn_monitor(ctx: &Context, id: &ContainerId) -> anyhow::Result<i32> {
+/// This binary with the global flags of `ctx`, ready for a hidden subcommand.
+///
+/// # Errors
+///
+/// The binary's path cannot be found.
+pub fn self_command(ctx: &Context) -> anyhow::Result<Command> {
     let exe = std::env::current_exe().context("finding the squib binary")?;
-    let (read_end, write_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the readiness pipe")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root").arg(&ctx.root_path);
     for (flag, value) in [
@@ -196,16 +257,39 @@ fn spawn_monitor(ctx: &Context, id: &ContainerId) -> anyhow::Result<i32> {
     if ctx.debug {
         cmd.arg("--debug");
     }
-    cmd.args(["monitor", "--ready-fd", &READY_FD.to_string(), id.as_str()]);
-    // The container's stdio is the caller's, as with runc create.
-    cmd.stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
-    cmd.fd_mappings(vec![FdMapping {
+    Ok(cmd)
+}
+
+fn spawn_monitor(ctx: &Context, id: &ContainerId, console: Option<OwnedFd>) -> anyhow::Result<i32> {
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the readiness pipe")?;
+    let mut cmd = self_command(ctx)?;
+    cmd.args(["monitor", "--ready-fd", &READY_FD.to_string()]);
+    let mut mappings = vec![FdMapping {
         parent_fd: write_end,
         child_fd: READY_FD,
-    }])
-    .context("passing the readiness pipe")?;
+    }];
+    if let Some(slave) = console {
+        // The container's stdio is the pty. The monitor holds none of the caller's
+        // descriptors, so a caller reading create's output to its end is not kept waiting
+        // for as long as the container lives.
+        cmd.args(["--console-fd", &CONSOLE_FD.to_string()]);
+        mappings.push(FdMapping {
+            parent_fd: slave,
+            child_fd: CONSOLE_FD,
+        });
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    } else {
+        // The container's stdio is the caller's, as with runc create.
+        cmd.stdin(Stdio::inherit())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+    }
+    cmd.arg(id.as_str());
+    cmd.fd_mappings(mappings)
+        .context("passing descriptors to the monitor")?;
     let mut child = cmd.spawn().context("starting the monitor")?;
     // Drop our copy of the write end (the mapping keeps it in the child only).
     drop(cmd);

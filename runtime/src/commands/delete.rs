@@ -1,5 +1,6 @@
 //! `squib delete`: removes a stopped container (or, with `--force`, kills its monitor and with
-//! it the VM first). Afterwards no process, socket or state file of the container remains.
+//! it the VM first). Afterwards no process, socket or state file of the container remains: the
+//! terminal helpers of detached execs that still run are stopped too.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use squib_runtime::state::{ContainerId, StateError, Status};
 
-use super::{Context, monitor_alive};
+use super::exec::ATTACH_PREFIX;
+use super::{Context, monitor_alive, process_start_time};
 
 /// How long `delete --force` waits for a killed monitor to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -46,6 +48,7 @@ pub fn run(ctx: &Context, args: &DeleteArgs) -> anyhow::Result<u8> {
         }
         kill_monitor(&state)?;
     }
+    stop_attach_helpers(&ctx.dir(&state.id))?;
     remove(ctx, &state.id)?;
     Ok(0)
 }
@@ -77,6 +80,45 @@ fn kill_monitor(state: &squib_runtime::state::ContainerState) -> anyhow::Result<
             anyhow::bail!("the monitor (pid {pid}) of {} did not exit", state.id);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// SIGKILLs every terminal helper registered in `dir` (a file `exec-attach.<pid>` holding its
+/// start time) that still runs, and waits until each is gone. Helpers end by themselves once
+/// the VM is gone; this makes sure none outlives `delete`.
+fn stop_attach_helpers(dir: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(ATTACH_PREFIX))
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| *p > 0)
+        else {
+            continue;
+        };
+        let started = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        let alive = || started.is_some() && process_start_time(pid) == started && !is_zombie(pid);
+        if !alive() {
+            continue;
+        }
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let deadline = Instant::now() + KILL_WAIT;
+        while alive() {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the terminal helper (pid {pid}) in {} did not exit",
+                    dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     Ok(())
 }

@@ -1,15 +1,31 @@
 //! `squib exec`: runs another process in a running container through the guest agent, with
 //! the caller's stdio attached, and exits with its status. The process is the container's
 //! `process` from config.json with the command line's overrides, or `--process FILE`.
+//!
+//! `--detach` starts the process and returns. A detached process with a terminal needs
+//! `--console-socket`: the master of a host pty goes there, as with `create`, and a detached
+//! helper (this binary as the hidden `exec-attach` subcommand, in a session of its own with the
+//! slave as its controlling terminal) copies between the slave and the guest pty, forwards
+//! resizes and a hangup, and exits with the process. It registers itself in the container's
+//! state directory so that `delete` stops it.
 
-use std::path::PathBuf;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use anyhow::Context as _;
+use command_fds::{CommandFdExt as _, FdMapping};
 use serde_json::Value;
 use squib_runtime::agent_client::StdioConfig;
-use squib_runtime::state::Status;
+use squib_runtime::console::HostPty;
+use squib_runtime::state::{ContainerId, Status};
 
-use super::{Context, Failure, connect_agent, runtime, tty, write_pid_file};
+use super::create::{CONSOLE_FD, READY_FD, check_console_socket, self_command};
+use super::{Context, Failure, connect_agent, process_start_time, runtime, tty, write_pid_file};
+
+/// The prefix of the files with which detached terminal helpers register in the container's
+/// state directory: `exec-attach.<pid>`, holding the helper's start time.
+pub const ATTACH_PREFIX: &str = "exec-attach.";
 
 /// runc's exit code when `exec` itself fails (as opposed to the exec'd process).
 const EXEC_FAILED: u8 = 255;
@@ -35,9 +51,12 @@ pub struct ExecArgs {
     /// Write the process's guest pid to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
-    /// Accepted for runc compatibility: the process is started and not waited for.
+    /// Start the process and return without waiting for it.
     #[arg(short, long)]
     pub detach: bool,
+    /// With `--detach` and a terminal: a Unix socket to receive the terminal's master.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
     /// The container's id.
     pub id: String,
     /// The command and its arguments.
@@ -155,6 +174,7 @@ fn exec(ctx: &Context, args: &ExecArgs) -> anyhow::Result<u8> {
         .get("terminal")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    check_console_socket(terminal, args.detach, args.console_socket.as_deref())?;
     let body = serde_json::to_vec(&process)?;
     let exec_id = format!(
         "exec-{}-{}",
@@ -164,6 +184,13 @@ fn exec(ctx: &Context, args: &ExecArgs) -> anyhow::Result<u8> {
             .unwrap_or_default()
             .subsec_nanos()
     );
+    if let Some(socket) = &args.console_socket {
+        let pid = exec_on_console(ctx, &state.id, &exec_id, &process, socket)?;
+        if let Some(path) = &args.pid_file {
+            write_pid_file(path, pid)?;
+        }
+        return Ok(0);
+    }
     let _raw = if terminal {
         tty::RawMode::enable_on_stdin()
     } else {
@@ -200,6 +227,154 @@ fn exec(ctx: &Context, args: &ExecArgs) -> anyhow::Result<u8> {
     Ok(u8::try_from(status & 0xff).unwrap_or(1))
 }
 
+/// Sends a new pty's master to `socket` and starts the detached helper that runs the process
+/// on its slave; returns the process's guest pid once it runs.
+fn exec_on_console(
+    ctx: &Context,
+    id: &ContainerId,
+    exec_id: &str,
+    process: &Value,
+    socket: &Path,
+) -> anyhow::Result<i32> {
+    let size = process.get("consoleSize").map(|b| {
+        let dim = |k: &str| {
+            b.get(k)
+                .and_then(Value::as_u64)
+                .map_or(0, |v| u16::try_from(v).unwrap_or(u16::MAX))
+        };
+        (dim("height"), dim("width"))
+    });
+    let slave = HostPty::open(size)
+        .context("allocating the process's terminal")?
+        .send_master(socket)?;
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the readiness pipe")?;
+    let mut cmd = self_command(ctx)?;
+    cmd.args([
+        "exec-attach",
+        "--ready-fd",
+        &READY_FD.to_string(),
+        "--console-fd",
+        &CONSOLE_FD.to_string(),
+        "--exec-id",
+        exec_id,
+        "--process-json",
+        &serde_json::to_string(process)?,
+        id.as_str(),
+    ]);
+    // The helper holds none of the caller's descriptors (see `create`).
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd.fd_mappings(vec![
+        FdMapping {
+            parent_fd: write_end,
+            child_fd: READY_FD,
+        },
+        FdMapping {
+            parent_fd: slave,
+            child_fd: CONSOLE_FD,
+        },
+    ])
+    .context("passing descriptors to the terminal helper")?;
+    let mut child = cmd.spawn().context("starting the terminal helper")?;
+    drop(cmd);
+    let mut line = String::new();
+    let read = BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
+    let line = line.trim_end();
+    if read.is_ok()
+        && let Some(pid) = line.strip_prefix("ok ").and_then(|p| p.parse().ok())
+    {
+        return Ok(pid);
+    }
+    let _ = child.wait();
+    match line.strip_prefix("error ") {
+        Some(msg) => anyhow::bail!("{msg}"),
+        None => anyhow::bail!("the terminal helper exited before the process started"),
+    }
+}
+
+/// The hidden `exec-attach` subcommand's arguments (started by `exec --detach
+/// --console-socket`; not for direct use).
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// The descriptor to report `ok <guest pid>` or `error <text>` on.
+    #[arg(long)]
+    pub ready_fd: i32,
+    /// The descriptor holding the pty slave.
+    #[arg(long)]
+    pub console_fd: i32,
+    /// The exec id of the process.
+    #[arg(long)]
+    pub exec_id: String,
+    /// The OCI process to run, as JSON.
+    #[arg(long)]
+    pub process_json: String,
+    /// The container's id.
+    pub id: String,
+}
+
+/// Entry point of `squib exec-attach`: runs the process on the slave, bridges it to the guest
+/// pty until the process exits, and exits with its status.
+///
+/// # Errors
+///
+/// The process could not be started (also reported on the readiness descriptor).
+pub fn attach(ctx: &Context, args: &AttachArgs) -> anyhow::Result<u8> {
+    // A session of its own, so that the slave can become its controlling terminal.
+    let _ = nix::unistd::setsid();
+    let mut ready = Some(crate::monitor::ready_pipe(args.ready_fd)?);
+    let registration = ContainerId::new(&args.id).map(|id| {
+        ctx.dir(&id)
+            .join(format!("{ATTACH_PREFIX}{}", std::process::id()))
+    });
+    let rt = runtime()?;
+    let outcome = rt.block_on(async {
+        let id = ContainerId::new(&args.id)?;
+        let slave = crate::monitor::console_slave(args.console_fd)?;
+        let console = tty::ConsoleSlave::attach(slave)?;
+        if let Ok(path) = &registration {
+            let pid = i32::try_from(std::process::id()).unwrap_or(0);
+            let started = process_start_time(pid).unwrap_or(0);
+            std::fs::write(path, started.to_string()).with_context(|| {
+                format!("registering the terminal helper at {}", path.display())
+            })?;
+        }
+        let agent = connect_agent(ctx, &id).await?;
+        let (pid, mut io) = agent
+            .exec_process(
+                id.as_str(),
+                &args.exec_id,
+                args.process_json.as_bytes(),
+                console.stdio()?,
+            )
+            .await?;
+        if let Some(mut pipe) = ready.take() {
+            writeln!(pipe, "ok {pid}").context("reporting the process's pid")?;
+        }
+        console.forward(agent.clone(), id.to_string(), args.exec_id.clone());
+        anyhow::Ok(io.wait(&agent).await?)
+    });
+    if let Ok(path) = &registration {
+        let _ = std::fs::remove_file(path);
+    }
+    // The resize task may still wait for a signal; it must not keep the process alive.
+    rt.shutdown_background();
+    match outcome {
+        Ok(status) => Ok(u8::try_from(status & 0xff).unwrap_or(1)),
+        Err(e) => {
+            if let Some(mut pipe) = ready {
+                let _ = writeln!(
+                    pipe,
+                    "error {}",
+                    crate::monitor::one_line(&format!("{e:#}"))
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +388,7 @@ mod tests {
             process: None,
             pid_file: None,
             detach: false,
+            console_socket: None,
             id: "c".into(),
             command: cmd.iter().map(|s| s.to_string()).collect(),
         }

@@ -57,10 +57,13 @@ pub fn run(ctx: &Context, args: &RunArgs) -> anyhow::Result<u8> {
         }
         return Ok(0);
     }
-    if args.console_socket.is_some() {
-        anyhow::bail!("--console-socket is only used with --detach or create");
-    }
-    let prepared = create::prepare(ctx, &args.id, &args.bundle)?;
+    let prepared = create::prepare(
+        ctx,
+        &args.id,
+        &args.bundle,
+        false,
+        args.console_socket.as_deref(),
+    )?;
     let id = prepared.state.id.clone();
     let result = (|| -> anyhow::Result<i32> {
         if let Some(path) = &args.pid_file {
