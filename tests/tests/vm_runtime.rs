@@ -587,4 +587,401 @@ mod tests {
         assert!(stdout.contains("apt "), "{stdout}");
         w.assert_gone("deb");
     }
+
+    /// The receiving end of a console socket, as a caller of `create --console-socket` has it.
+    struct ConsoleReceiver {
+        path: PathBuf,
+        listener: std::os::unix::net::UnixListener,
+    }
+
+    impl ConsoleReceiver {
+        fn bind(path: PathBuf) -> Self {
+            let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            Self { path, listener }
+        }
+
+        /// Accepts the runtime's connection and receives the one message it sends: a name and
+        /// exactly one descriptor, the pty master. Returns the master and the connection.
+        fn receive(&self, timeout: Duration) -> (File, std::os::unix::net::UnixStream) {
+            use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+            use std::io::IoSliceMut;
+            use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+            let deadline = Instant::now() + timeout;
+            let conn = loop {
+                match self.listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "nothing connected to {:?}",
+                            self.path
+                        );
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(timeout)).unwrap();
+            let mut name = [0u8; 4096];
+            let mut iov = [IoSliceMut::new(&mut name)];
+            let mut space = nix::cmsg_space!([RawFd; 4]);
+            let msg = recvmsg::<()>(
+                conn.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .unwrap();
+            assert!(msg.bytes > 0, "an empty message");
+            let mut fds = Vec::new();
+            for c in msg.cmsgs().unwrap() {
+                match c {
+                    ControlMessageOwned::ScmRights(r) => fds.extend(r),
+                    other => panic!("unexpected control message {other:?}"),
+                }
+            }
+            assert_eq!(fds.len(), 1, "one descriptor in the message");
+            // SAFETY: just received; nothing else owns it.
+            let master = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+            (File::from(master), conn)
+        }
+    }
+
+    /// Reads the pty master until `needle` appeared in everything read so far (returned), the
+    /// other side is gone (EIO) or `timeout` passes.
+    fn read_master_until(master: &File, needle: &str, timeout: Duration) -> String {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while !text(&seen).contains(needle) && Instant::now() < deadline {
+            let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(500u16)).unwrap() == 0 {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            match (&*master).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+                Err(e) => panic!("reading the master: {e}"),
+            }
+        }
+        text(&seen)
+    }
+
+    fn master_winsize(master: &File) -> (u16, u16) {
+        use std::os::fd::AsRawFd;
+        let mut ws = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ writes one winsize into the live local.
+        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGWINSZ, &raw mut ws) };
+        assert_eq!(rc, 0, "TIOCGWINSZ on the master");
+        (ws.ws_row, ws.ws_col)
+    }
+
+    fn set_master_winsize(master: &File, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from the live local.
+        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &raw const ws) };
+        assert_eq!(rc, 0, "TIOCSWINSZ on the master");
+    }
+
+    #[test]
+    fn test_runtime_create_hands_the_terminal_master_to_the_console_socket() {
+        let w = World::new("console");
+        let b = w.bundle(
+            "tty",
+            &["sh", "-c", "stty size; tty; read line; echo got:$line"],
+            |s| {
+                s["process"]["terminal"] = json!(true);
+                s["process"]["consoleSize"] = json!({"height": 40, "width": 120});
+            },
+        );
+        let receiver = ConsoleReceiver::bind(w.dir.join("console.sock"));
+        // Output captured through pipes: create must not leave its caller's pipes open in the
+        // monitor, or a caller reading them to the end would wait for the container's end.
+        let out = w.run(&[
+            "create",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--console-socket",
+            receiver.path.to_str().unwrap(),
+            "tty1",
+        ]);
+        assert_eq!(code(&out), Some(0), "create: {}", text(&out.stderr));
+        assert_eq!(w.state("tty1").unwrap()["status"], "created");
+        let (master, mut conn) = receiver.receive(Duration::from_secs(10));
+        assert_eq!(master_winsize(&master), (40, 120));
+        // One message and nothing else: the runtime closed its end of the connection.
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut conn, &mut rest).unwrap();
+        assert!(rest.is_empty(), "more after the descriptor: {rest:?}");
+
+        assert_eq!(code(&w.run(&["start", "tty1"])), Some(0));
+        let seen = read_master_until(&master, "/dev/pts/0\r\n", SLOW);
+        assert!(
+            seen.contains("40 120\r\n") && seen.contains("/dev/pts/0\r\n"),
+            "{seen:?}"
+        );
+
+        // A resize made on the master reaches the guest pty.
+        set_master_winsize(&master, 50, 200);
+        let deadline = Instant::now() + SLOW;
+        loop {
+            let out = w.run(&["exec", "tty1", "stty", "-F", "/dev/pts/0", "size"]);
+            assert_eq!(code(&out), Some(0), "{}", text(&out.stderr));
+            if text(&out.stdout) == "50 200\n" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "size {:?}", text(&out.stdout));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+
+        // exec --detach -t: the same hand-over through a console socket of its own.
+        let receiver2 = ConsoleReceiver::bind(w.dir.join("exec.sock"));
+        let pid_file = w.dir.join("exec.pid");
+        let out = w.run(&[
+            "exec",
+            "-d",
+            "-t",
+            "--console-socket",
+            receiver2.path.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "tty1",
+            "sh",
+            "-c",
+            "read l; stty size; tty; echo exec:$l; exit 4",
+        ]);
+        assert_eq!(code(&out), Some(0), "exec: {}", text(&out.stderr));
+        let pid: i64 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(pid > 1, "guest pid {pid}");
+        let (master2, _conn2) = receiver2.receive(Duration::from_secs(10));
+        set_master_winsize(&master2, 30, 90);
+        let deadline = Instant::now() + SLOW;
+        loop {
+            let out = w.run(&["exec", "tty1", "stty", "-F", "/dev/pts/1", "size"]);
+            if text(&out.stdout) == "30 90\n" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "size {:?}", text(&out.stdout));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        std::io::Write::write_all(&mut &master2, b"x\r").unwrap();
+        let seen = read_master_until(&master2, "exec:x\r\n", SLOW);
+        assert!(
+            seen.contains("30 90\r\n") && seen.contains("/dev/pts/1\r\n"),
+            "{seen:?}"
+        );
+        assert!(seen.contains("exec:x\r\n"), "{seen:?}");
+        // The helper exits with the process: nobody holds that slave any more.
+        read_master_until(&master2, "\u{0}never", SLOW);
+        assert_eq!(attach_helpers(&w), Vec::<i32>::new());
+
+        // A detached exec that outlives its container: its helper ends with the VM, and
+        // delete would stop it otherwise.
+        let receiver3 = ConsoleReceiver::bind(w.dir.join("exec3.sock"));
+        let out = w.run(&[
+            "exec",
+            "-d",
+            "-t",
+            "--console-socket",
+            receiver3.path.to_str().unwrap(),
+            "tty1",
+            "sleep",
+            "1000",
+        ]);
+        assert_eq!(code(&out), Some(0), "exec: {}", text(&out.stderr));
+        let (master3, _conn3) = receiver3.receive(Duration::from_secs(10));
+        assert_eq!(attach_helpers(&w).len(), 1);
+
+        std::io::Write::write_all(&mut &master, b"hello squib\r").unwrap();
+        let seen = read_master_until(&master, "got:hello squib\r\n", SLOW);
+        assert!(seen.contains("got:hello squib\r\n"), "{seen:?}");
+        let deadline = Instant::now() + SLOW;
+        while w.state("tty1").unwrap()["status"] != "stopped" {
+            assert!(Instant::now() < deadline, "tty1 never stopped");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(w.state("tty1").unwrap()["exitStatus"], 0);
+        // Once the monitor is gone nobody holds the slave: the master reads EIO.
+        let rest = read_master_until(&master, "\u{0}never", SLOW);
+        assert!(!rest.contains("got:"), "{rest:?}");
+        assert_eq!(code(&w.run(&["delete", "tty1"])), Some(0));
+        w.assert_gone("tty1");
+        assert_eq!(attach_helpers(&w), Vec::<i32>::new());
+        read_master_until(&master3, "\u{0}never", SLOW);
+    }
+
+    /// The pids of this world's detached-exec terminal helpers that still run.
+    fn attach_helpers(w: &World) -> Vec<i32> {
+        let root = w.root.to_string_lossy().into_owned();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.iter().any(|a| a == &root) && args.iter().any(|a| a == "exec-attach") {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    #[test]
+    fn test_runtime_refuses_a_detached_terminal_without_console_socket() {
+        let w = World::new("noconsole");
+        let tty = w.bundle("tty", &["sh", "-c", "tty"], |s| {
+            s["process"]["terminal"] = json!(true);
+        });
+        let plain = w.bundle("plain", &["true"], |_| {});
+        let sock = w.dir.join("console.sock");
+        let missing = w.dir.join("nobody-listens.sock");
+        let cases: [(&str, Vec<&str>, &[&str]); 5] = [
+            (
+                "c1",
+                vec!["create", "-b", tty.to_str().unwrap()],
+                &[
+                    "process.terminal",
+                    "cannot allocate tty",
+                    "--console-socket",
+                ],
+            ),
+            (
+                "c2",
+                vec!["run", "-d", "-b", tty.to_str().unwrap()],
+                &[
+                    "process.terminal",
+                    "cannot allocate tty",
+                    "--console-socket",
+                ],
+            ),
+            (
+                "c3",
+                vec![
+                    "create",
+                    "-b",
+                    plain.to_str().unwrap(),
+                    "--console-socket",
+                    sock.to_str().unwrap(),
+                ],
+                &["cannot use console socket", "process.terminal = false"],
+            ),
+            (
+                "c4",
+                vec![
+                    "run",
+                    "-b",
+                    tty.to_str().unwrap(),
+                    "--console-socket",
+                    sock.to_str().unwrap(),
+                ],
+                &["cannot use console socket"],
+            ),
+            (
+                "c5",
+                vec![
+                    "create",
+                    "-b",
+                    tty.to_str().unwrap(),
+                    "--console-socket",
+                    missing.to_str().unwrap(),
+                ],
+                &["console socket", "nobody-listens.sock"],
+            ),
+        ];
+        for (id, mut args, want) in cases {
+            args.push(id);
+            let out = w.run(&args);
+            assert_eq!(code(&out), Some(1), "{id}: {}", text(&out.stderr));
+            let err = text(&out.stderr);
+            for part in want {
+                assert!(err.contains(part), "{id}: {part:?} not in {err}");
+            }
+            w.assert_gone(id);
+            assert!(
+                std::fs::read_dir(&w.root).unwrap().next().is_none(),
+                "{id} left state"
+            );
+        }
+        let out = w.run(&["exec", "-d", "-t", "nosuch", "true"]);
+        assert_eq!(code(&out), Some(255));
+    }
+
+    #[test]
+    fn test_runtime_refuses_a_detached_exec_terminal_without_console_socket() {
+        let w = World::new("execconsole");
+        let b = w.bundle("sleep", &["sleep", "1000"], |_| {});
+        let (st, err) = w.create(&b, "ex1");
+        assert!(st.success(), "create: {err}");
+        assert_eq!(code(&w.run(&["start", "ex1"])), Some(0));
+        let sock = w.dir.join("console.sock");
+        for (args, want) in [
+            (
+                vec!["exec", "-d", "-t", "ex1", "true"],
+                &["cannot allocate tty", "--console-socket"][..],
+            ),
+            (
+                vec![
+                    "exec",
+                    "-t",
+                    "--console-socket",
+                    sock.to_str().unwrap(),
+                    "ex1",
+                    "true",
+                ],
+                &["cannot use console socket"][..],
+            ),
+            (
+                vec![
+                    "exec",
+                    "-d",
+                    "--console-socket",
+                    sock.to_str().unwrap(),
+                    "ex1",
+                    "true",
+                ],
+                &["cannot use console socket", "process.terminal = false"][..],
+            ),
+        ] {
+            let out = w.run(&args);
+            assert_eq!(code(&out), Some(255), "{args:?}");
+            for part in want {
+                assert!(
+                    text(&out.stderr).contains(part),
+                    "{args:?}: {part:?} not in {}",
+                    text(&out.stderr)
+                );
+            }
+        }
+        assert_eq!(attach_helpers(&w), Vec::<i32>::new());
+        assert_eq!(w.state("ex1").unwrap()["status"], "running");
+        assert_eq!(code(&w.run(&["delete", "--force", "ex1"])), Some(0));
+        w.assert_gone("ex1");
+    }
 }
