@@ -37,7 +37,8 @@ vm-test:
 	$(CARGO) build -p containerd-shim-squib-v2
 	tests/run-vm-tests
 
-# The guest kernel (vmlinux) and the busybox test initramfs; the last line is the file's path.
+# The guest kernel (bzImage, then vmlinux: the last line is vmlinux's path) and the busybox
+# test initramfs (the last line is its path).
 guest-kernel:
 	@guest-image/build-kernel
 
