@@ -7,6 +7,9 @@ use std::process::Command;
 
 /// Environment variable naming the guest kernel (`vmlinux`, from `make guest-kernel`).
 pub const KERNEL_ENV: &str = "SQUIB_TEST_KERNEL";
+/// Environment variable naming the same guest kernel as a `bzImage` (also from
+/// `make guest-kernel`), for tests of the Linux boot protocol's load path.
+pub const BZIMAGE_ENV: &str = "SQUIB_TEST_BZIMAGE";
 /// Environment variable naming the busybox test initramfs (from `make test-initramfs`).
 pub const INITRAMFS_ENV: &str = "SQUIB_TEST_INITRAMFS";
 /// Environment variable naming a directory whose contents survive the VM test host.
@@ -61,6 +64,14 @@ fn file_from_env(var: &'static str) -> Result<PathBuf, VmEnvError> {
 /// [`VmEnvError::Unset`] or [`VmEnvError::NotAFile`].
 pub fn test_kernel() -> Result<PathBuf, VmEnvError> {
     file_from_env(KERNEL_ENV)
+}
+
+/// The guest kernel as a `bzImage`, from [`BZIMAGE_ENV`].
+///
+/// # Errors
+/// [`VmEnvError::Unset`] or [`VmEnvError::NotAFile`].
+pub fn test_bzimage() -> Result<PathBuf, VmEnvError> {
+    file_from_env(BZIMAGE_ENV)
 }
 
 /// The test initramfs, from [`INITRAMFS_ENV`].
