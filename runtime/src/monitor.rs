@@ -27,7 +27,7 @@ use oci_spec::runtime::Spec;
 use squib_runtime::agent_client::{
     AgentClient, AgentClientError, CreateContainer, ProcessIo, StdioConfig,
 };
-use squib_runtime::plan::{GuestAssets, SizingDefaults, VmPlan};
+use squib_runtime::plan::{GuestAssets, HostLimits, SizingDefaults, VmPlan};
 use squib_runtime::sandbox::{DEFAULT_AGENT_DEADLINE, Sandbox, SandboxConfig};
 use squib_runtime::state::{ContainerId, ContainerState, StateRoot, Status};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -196,6 +196,7 @@ impl Booted {
         let plan = VmPlan::new(
             &spec,
             &SizingDefaults::default(),
+            &HostLimits::probe(),
             assets,
             &image,
             &dir.join(VSOCK_SOCKET),
@@ -444,5 +445,6 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 
 /// The spec as the agent receives it.
 fn guest_spec_json(spec: &Spec) -> anyhow::Result<Vec<u8>> {
-    serde_json::to_vec(spec).context("encoding the container's spec")
+    serde_json::to_vec(&squib_runtime::plan::guest_spec(spec))
+        .context("encoding the container's spec")
 }

@@ -2,12 +2,18 @@
 //! and entropy actions that build the container's microVM through the controller.
 //!
 //! Sizing rules (also in README):
-//! - vCPUs: `ceil(linux.resources.cpu.quota / period)` when both are set and positive, else the
-//!   number of CPUs in `linux.resources.cpu.cpus`, else the configured default (1); then clamped
-//!   to 1..=32.
+//! - vCPUs: the number of CPUs in `linux.resources.cpu.cpus` (each must be a CPU this host lets
+//!   squib use, as with runc, where a cpuset naming a missing CPU fails create), else
+//!   `ceil(linux.resources.cpu.quota / period)` when both are set and positive, else the
+//!   configured default (1); then clamped to 1..=32. The guest's cgroup gets no cpuset of its
+//!   own: the VM's vCPUs are the container's CPUs, so `nproc` inside equals the cpuset's size.
 //! - memory: `linux.resources.memory.limit` rounded up to MiB plus [`GUEST_OVERHEAD_MIB`] for
-//!   the guest kernel, agent and page cache, else the configured default (256 MiB); never below
-//!   [`MIN_GUEST_MEM_MIB`].
+//!   the guest kernel, agent and page cache, at most the host's memory, else the configured
+//!   default (256 MiB); never below [`MIN_GUEST_MEM_MIB`]. The limit itself is also written to
+//!   the container's cgroup in the guest, so it holds for the container's processes whatever
+//!   the VM's size. A limit below [`MIN_MEMORY_LIMIT_BYTES`] is refused before anything is
+//!   built or booted; -1 and limits from [`UNLIMITED_MEMORY_BYTES`] up (the "unlimited"
+//!   sentinels such as 9223372036854771712) mean no limit.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +28,16 @@ use squib_core::config::{
 pub const GUEST_OVERHEAD_MIB: u64 = 64;
 /// The smallest guest squib boots.
 pub const MIN_GUEST_MEM_MIB: u64 = 128;
+/// The smallest memory limit a container can start with (6 MiB, the floor Docker also
+/// enforces): below it the container's first process would be OOM-killed at once, so the
+/// limit is refused with an error instead.
+pub const MIN_MEMORY_LIMIT_BYTES: i64 = 6 << 20;
+/// Memory limits from here up mean "unlimited": 4 EiB is far beyond any host, and the
+/// sentinels orchestrators use (`i64::MAX` rounded down to a page, 9223372036854771712 with
+/// 4 KiB pages) are above it.
+pub const UNLIMITED_MEMORY_BYTES: i64 = 1 << 62;
+/// CPU numbers a cpuset may name (the kernel's `CPU_SETSIZE`).
+pub const MAX_CPU_NUMBER: u32 = 1023;
 /// The most vCPUs a guest gets.
 pub const MAX_VCPUS: u64 = 32;
 /// The guest's vsock context id (each VM has its own vsock device, so one value serves all).
@@ -60,9 +76,73 @@ pub enum PlanError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// A cpuset names a CPU the host does not let squib use.
+    #[error(
+        "config.json: linux.resources.cpu.cpus = {value:?}: CPU {cpu} is not available on this \
+         host (available: {available})"
+    )]
+    CpuNotAvailable {
+        /// The cpuset list.
+        value: String,
+        /// The first CPU that is missing.
+        cpu: u32,
+        /// The CPUs that are available, as a list.
+        available: String,
+    },
     /// A derived VM setting failed validation.
     #[error("building the VM configuration")]
     Config(#[from] ConfigError),
+}
+
+/// What the host lets a VM have: the bounds a spec's resources are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLimits {
+    /// Total host memory in MiB.
+    pub mem_mib: u64,
+    /// The host CPUs this process may run on, ascending.
+    pub cpus: Vec<u32>,
+}
+
+impl HostLimits {
+    /// Reads this host's memory size and the CPUs this process may run on (its affinity, as
+    /// the vCPU threads inherit it). A size that cannot be read leaves memory unbounded here;
+    /// the VMM checks it again.
+    pub fn probe() -> Self {
+        use squib_api::host::HostMemory as _;
+        let mem_mib = squib_api::host::SystemHostMemory
+            .total_mib()
+            .unwrap_or(u64::MAX);
+        Self {
+            mem_mib,
+            cpus: usable_cpus(),
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+#[cfg(target_os = "linux")]
+fn usable_cpus() -> Vec<u32> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..=MAX_CPU_NUMBER)
+            .filter(|cpu| {
+                usize::try_from(*cpu)
+                    .ok()
+                    .is_some_and(|c| set.is_set(c).unwrap_or(false))
+            })
+            .collect(),
+        Err(_) => all_cpus(),
+    }
+}
+
+/// The CPUs this process may run on: on hosts without affinity masks, every CPU.
+#[cfg(not(target_os = "linux"))]
+fn usable_cpus() -> Vec<u32> {
+    all_cpus()
+}
+
+fn all_cpus() -> Vec<u32> {
+    let n = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    (0..u32::try_from(n).unwrap_or(MAX_CPU_NUMBER)).collect()
 }
 
 /// Defaults for what a spec does not say.
@@ -148,13 +228,18 @@ pub fn check_spec(spec: &Spec) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// The guest's vCPU count and memory size for `spec`.
+/// The guest's vCPU count and memory size for `spec` on `host`.
 ///
 /// # Errors
 ///
-/// [`PlanError::Unsupported`] for a malformed `linux.resources.cpu.cpus` list or a negative
-/// memory limit.
-pub fn sizing(spec: &Spec, defaults: &SizingDefaults) -> Result<(u64, u64), PlanError> {
+/// [`PlanError::Unsupported`] naming the field and value for a malformed
+/// `linux.resources.cpu.cpus` list or one naming a CPU `host` does not offer, and for a memory
+/// limit that is negative (other than -1) or below [`MIN_MEMORY_LIMIT_BYTES`].
+pub fn sizing(
+    spec: &Spec,
+    defaults: &SizingDefaults,
+    host: &HostLimits,
+) -> Result<(u64, u64), PlanError> {
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let cpu = resources.and_then(|r| r.cpu().as_ref());
     let from_quota = cpu.and_then(|c| match (c.quota(), c.period()) {
@@ -162,11 +247,13 @@ pub fn sizing(spec: &Spec, defaults: &SizingDefaults) -> Result<(u64, u64), Plan
         _ => None,
     });
     let from_cpuset = match cpu.and_then(|c| c.cpus().as_deref()) {
-        Some(list) if !list.trim().is_empty() => Some(count_cpu_list(list)?),
+        Some(list) if !list.trim().is_empty() => Some(count_cpu_list(list, &host.cpus)?),
         _ => None,
     };
-    let vcpus = from_quota
-        .or(from_cpuset)
+    // A cpuset decides the CPU count, as `nproc` under runc shows it; a quota alone sizes the
+    // VM to the CPUs it can keep busy, and is enforced in the guest either way.
+    let vcpus = from_cpuset
+        .or(from_quota)
         .unwrap_or(defaults.vcpus)
         .clamp(1, MAX_VCPUS);
 
@@ -174,12 +261,21 @@ pub fn sizing(spec: &Spec, defaults: &SizingDefaults) -> Result<(u64, u64), Plan
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit());
     let mem_mib = match limit {
-        // -1 means "unlimited" in the runtime spec.
         None | Some(-1) => defaults.mem_mib,
-        Some(bytes) if bytes > 0 => bytes
+        Some(bytes) if bytes >= UNLIMITED_MEMORY_BYTES => defaults.mem_mib,
+        Some(bytes) if bytes >= MIN_MEMORY_LIMIT_BYTES => bytes
             .unsigned_abs()
             .div_ceil(1 << 20)
-            .saturating_add(GUEST_OVERHEAD_MIB),
+            .saturating_add(GUEST_OVERHEAD_MIB)
+            .min(host.mem_mib),
+        Some(bytes) if bytes >= 0 => {
+            return Err(PlanError::Unsupported {
+                field: "linux.resources.memory.limit",
+                value: bytes.to_string(),
+                reason: "below the minimum memory limit of 6291456 bytes (6 MiB) a container \
+                         starts with",
+            });
+        }
         Some(bytes) => {
             return Err(PlanError::Unsupported {
                 field: "linux.resources.memory.limit",
@@ -191,26 +287,75 @@ pub fn sizing(spec: &Spec, defaults: &SizingDefaults) -> Result<(u64, u64), Plan
     Ok((vcpus, mem_mib.max(MIN_GUEST_MEM_MIB)))
 }
 
-/// Counts the CPUs in a cpuset list such as `0-3,6`.
-fn count_cpu_list(list: &str) -> Result<u64, PlanError> {
-    let bad = || PlanError::Unsupported {
+/// Counts the CPUs in a cpuset list such as `0-3,6`, each of which must be in `host_cpus`.
+fn count_cpu_list(list: &str, host_cpus: &[u32]) -> Result<u64, PlanError> {
+    let bad = |reason| PlanError::Unsupported {
         field: "linux.resources.cpu.cpus",
         value: list.to_string(),
-        reason: "expected a list such as 0-3,6",
+        reason,
     };
-    let mut count = 0u64;
+    let mut cpus = std::collections::BTreeSet::new();
     for part in list.split(',').map(str::trim) {
         let (lo, hi) = match part.split_once('-') {
-            Some((lo, hi)) => (lo.parse::<u64>(), hi.parse::<u64>()),
-            None => (part.parse::<u64>(), part.parse::<u64>()),
+            Some((lo, hi)) => (lo.trim().parse::<u32>(), hi.trim().parse::<u32>()),
+            None => (part.parse::<u32>(), part.parse::<u32>()),
         };
-        let (lo, hi) = (lo.map_err(|_| bad())?, hi.map_err(|_| bad())?);
+        let (Ok(lo), Ok(hi)) = (lo, hi) else {
+            return Err(bad("expected a list such as 0-3,6"));
+        };
         if hi < lo {
-            return Err(bad());
+            return Err(bad("expected a list such as 0-3,6"));
         }
-        count = count.saturating_add(hi - lo + 1);
+        if hi > MAX_CPU_NUMBER {
+            return Err(bad("CPU numbers go up to 1023"));
+        }
+        for cpu in lo..=hi {
+            if host_cpus.binary_search(&cpu).is_err() {
+                return Err(PlanError::CpuNotAvailable {
+                    value: list.to_string(),
+                    cpu,
+                    available: format_cpu_list(host_cpus),
+                });
+            }
+            cpus.insert(cpu);
+        }
     }
-    Ok(count)
+    Ok(u64::try_from(cpus.len()).unwrap_or(u64::MAX))
+}
+
+/// `cpus` (ascending) as a cpuset list such as `0-3,6`.
+fn format_cpu_list(cpus: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut iter = cpus.iter().copied().peekable();
+    while let Some(lo) = iter.next() {
+        let mut hi = lo;
+        while iter.peek() == Some(&hi.saturating_add(1)) {
+            hi = hi.saturating_add(1);
+            iter.next();
+        }
+        parts.push(if hi == lo {
+            lo.to_string()
+        } else {
+            format!("{lo}-{hi}")
+        });
+    }
+    parts.join(",")
+}
+
+/// The spec the guest agent applies: the host's `spec` without the cpuset
+/// (`linux.resources.cpu.cpus` and `mems`), which names host CPUs and memory nodes. The VM
+/// has exactly as many vCPUs as the cpuset has CPUs (see [`sizing`]), numbered from 0, so
+/// inside the guest the container simply gets all of them.
+pub fn guest_spec(spec: &Spec) -> Spec {
+    let mut guest = spec.clone();
+    if let Some(linux) = guest.linux_mut().as_mut()
+        && let Some(resources) = linux.resources_mut().as_mut()
+        && let Some(cpu) = resources.cpu_mut().as_mut()
+    {
+        cpu.set_cpus(None);
+        cpu.set_mems(None);
+    }
+    guest
 }
 
 /// The guest kernel and initramfs a VM boots.
@@ -238,8 +383,8 @@ pub struct VmPlan {
 }
 
 impl VmPlan {
-    /// Plans the VM of `spec`, booting `assets`, with `root_image` as its root drive and the
-    /// hybrid vsock socket at `vsock_uds`.
+    /// Plans the VM of `spec` on `host`, booting `assets`, with `root_image` as its root drive
+    /// and the hybrid vsock socket at `vsock_uds`.
     ///
     /// # Errors
     ///
@@ -247,12 +392,13 @@ impl VmPlan {
     pub fn new(
         spec: &Spec,
         defaults: &SizingDefaults,
+        host: &HostLimits,
         assets: &GuestAssets,
         root_image: &Path,
         vsock_uds: &Path,
         extra_boot_args: &str,
     ) -> Result<Self, PlanError> {
-        let (vcpus, mem_mib) = sizing(spec, defaults)?;
+        let (vcpus, mem_mib) = sizing(spec, defaults, host)?;
         let machine = MachineConfig::new(vcpus, mem_mib, false, false, HugePages::None, None)?;
         let mut args = DEFAULT_BOOT_ARGS.to_string();
         if !extra_boot_args.trim().is_empty() {
@@ -311,10 +457,113 @@ mod tests {
         spec(&format!("{BASE}{extra}}}"))
     }
 
+    /// A host with 64 CPUs and 8 GiB.
+    fn host() -> HostLimits {
+        HostLimits {
+            mem_mib: 8192,
+            cpus: (0..64).collect(),
+        }
+    }
+
+    fn limit(bytes: &str) -> Spec {
+        with(&format!(
+            r#","linux":{{"resources":{{"memory":{{"limit":{bytes}}}}}}}"#
+        ))
+    }
+
+    #[test]
+    fn test_sizing_refuses_memory_limits_below_minimum_naming_value() {
+        for bytes in ["0", "4096", "1048576", "6291455"] {
+            let err = sizing(&limit(bytes), &SizingDefaults::default(), &host())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("linux.resources.memory.limit") && err.contains(bytes),
+                "{err}"
+            );
+        }
+        let err = sizing(&limit("-2"), &SizingDefaults::default(), &host()).unwrap_err();
+        assert!(err.to_string().contains("must be positive or -1"), "{err}");
+        let (_, mem) = sizing(&limit("6291456"), &SizingDefaults::default(), &host()).unwrap();
+        assert_eq!(mem, MIN_GUEST_MEM_MIB);
+    }
+
+    #[test]
+    fn test_sizing_treats_unlimited_sentinels_as_no_limit() {
+        for bytes in ["-1", "9223372036854771712", "9223372036854775807"] {
+            assert_eq!(
+                sizing(&limit(bytes), &SizingDefaults::default(), &host()).unwrap(),
+                (1, 256),
+                "{bytes}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_sizing_caps_memory_at_host_size() {
+        // 16 GiB on an 8 GiB host: the limit cannot bind, the VM gets the whole host.
+        let (_, mem) = sizing(&limit("17179869184"), &SizingDefaults::default(), &host()).unwrap();
+        assert_eq!(mem, 8192);
+    }
+
+    #[test]
+    fn test_sizing_refuses_cpuset_naming_cpu_host_lacks() {
+        let two = HostLimits {
+            mem_mib: 8192,
+            cpus: vec![0, 1],
+        };
+        let s = with(r#","linux":{"resources":{"cpu":{"cpus":"63"}}}"#);
+        let err = sizing(&s, &SizingDefaults::default(), &two)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("linux.resources.cpu.cpus")
+                && err.contains("\"63\"")
+                && err.contains("0-1"),
+            "{err}"
+        );
+        let s = with(r#","linux":{"resources":{"cpu":{"cpus":"0-1"}}}"#);
+        assert_eq!(sizing(&s, &SizingDefaults::default(), &two).unwrap().0, 2);
+        let s = with(r#","linux":{"resources":{"cpu":{"cpus":"0-99999999"}}}"#);
+        assert!(sizing(&s, &SizingDefaults::default(), &two).is_err());
+    }
+
+    #[test]
+    fn test_sizing_takes_cpu_count_from_cpuset_before_quota() {
+        let s =
+            with(r#","linux":{"resources":{"cpu":{"cpus":"0","quota":200000,"period":100000}}}"#);
+        assert_eq!(
+            sizing(&s, &SizingDefaults::default(), &host()).unwrap().0,
+            1
+        );
+    }
+
+    #[test]
+    fn test_guest_spec_drops_cpuset_keeps_other_limits() {
+        let s = with(
+            r#","linux":{"resources":{"cpu":{"cpus":"2-3","mems":"0","quota":100000},
+            "memory":{"limit":268435456}}}"#,
+        );
+        let g = guest_spec(&s);
+        let r = g.linux().as_ref().unwrap().resources().as_ref().unwrap();
+        let cpu = r.cpu().as_ref().unwrap();
+        assert_eq!(
+            (cpu.cpus(), cpu.mems(), cpu.quota()),
+            (&None, &None, Some(100000))
+        );
+        assert_eq!(r.memory().as_ref().unwrap().limit(), Some(268435456));
+    }
+
+    #[test]
+    fn test_format_cpu_list_joins_ranges() {
+        assert_eq!(format_cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert_eq!(format_cpu_list(&[]), "");
+    }
+
     #[test]
     fn test_sizing_uses_defaults_without_limits() {
         assert_eq!(
-            sizing(&with(""), &SizingDefaults::default()).unwrap(),
+            sizing(&with(""), &SizingDefaults::default(), &host()).unwrap(),
             (1, 256)
         );
     }
@@ -326,7 +575,7 @@ mod tests {
             "memory":{"limit":536870912}}}"#,
         );
         assert_eq!(
-            sizing(&s, &SizingDefaults::default()).unwrap(),
+            sizing(&s, &SizingDefaults::default(), &host()).unwrap(),
             (2, 512 + GUEST_OVERHEAD_MIB)
         );
     }
@@ -334,12 +583,18 @@ mod tests {
     #[test]
     fn test_sizing_counts_cpuset_and_clamps() {
         let s = with(r#","linux":{"resources":{"cpu":{"cpus":"0-3,6"}}}"#);
-        assert_eq!(sizing(&s, &SizingDefaults::default()).unwrap().0, 5);
-        let s = with(r#","linux":{"resources":{"cpu":{"cpus":"0-63"}}}"#);
-        assert_eq!(sizing(&s, &SizingDefaults::default()).unwrap().0, 32);
-        let s = with(r#","linux":{"resources":{"memory":{"limit":1048576}}}"#);
         assert_eq!(
-            sizing(&s, &SizingDefaults::default()).unwrap().1,
+            sizing(&s, &SizingDefaults::default(), &host()).unwrap().0,
+            5
+        );
+        let s = with(r#","linux":{"resources":{"cpu":{"cpus":"0-63"}}}"#);
+        assert_eq!(
+            sizing(&s, &SizingDefaults::default(), &host()).unwrap().0,
+            32
+        );
+        let s = with(r#","linux":{"resources":{"memory":{"limit":8388608}}}"#);
+        assert_eq!(
+            sizing(&s, &SizingDefaults::default(), &host()).unwrap().1,
             MIN_GUEST_MEM_MIB
         );
     }
@@ -347,7 +602,7 @@ mod tests {
     #[test]
     fn test_sizing_rejects_bad_cpuset_naming_field() {
         let s = with(r#","linux":{"resources":{"cpu":{"cpus":"3-1"}}}"#);
-        let err = sizing(&s, &SizingDefaults::default())
+        let err = sizing(&s, &SizingDefaults::default(), &host())
             .unwrap_err()
             .to_string();
         assert!(
@@ -396,6 +651,7 @@ mod tests {
         let plan = VmPlan::new(
             &with(""),
             &SizingDefaults::default(),
+            &host(),
             &assets,
             Path::new("/cache/root.erofs"),
             Path::new("/run/squib/c1/vsock.sock"),

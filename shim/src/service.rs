@@ -36,7 +36,7 @@ use squib_runtime::agent_client::{
     AgentClient, AgentClientError, CreateContainer, ProcessIo, StdioConfig,
 };
 use squib_runtime::mounts::{RootMount, RootSource};
-use squib_runtime::plan::VmPlan;
+use squib_runtime::plan::{HostLimits, VmPlan};
 use squib_runtime::rootfs::ImageCache;
 use squib_runtime::sandbox::{Sandbox, SandboxConfig};
 use tokio::sync::{Mutex, watch};
@@ -605,6 +605,11 @@ impl TaskService {
             .map_err(|e| ShimError::InvalidArgument(ShimError::chain("runtime options", &e)))?;
         let mut spec = squib_runtime::plan::load_spec(&bundle)
             .map_err(|e| ShimError::InvalidArgument(ShimError::chain("bundle", &e)))?;
+        // Resource limits squib cannot honour fail here, before any image is built or VM
+        // booted.
+        let host = HostLimits::probe();
+        squib_runtime::plan::sizing(&spec, &config.sizing, &host)
+            .map_err(|e| ShimError::InvalidArgument(ShimError::chain("resources", &e)))?;
         let dropped = drop_host_binds(&mut spec);
         if !dropped.is_empty() {
             tracing::warn!(
@@ -613,7 +618,7 @@ impl TaskService {
                 "host bind mounts are not visible in the VM; dropped"
             );
         }
-        let spec_json = serde_json::to_vec(&spec)
+        let spec_json = serde_json::to_vec(&squib_runtime::plan::guest_spec(&spec))
             .map_err(|e| ShimError::internal("serializing the spec", &e))?;
 
         // The root image: built from the snapshot's immutable layers, cached by them.
@@ -663,6 +668,7 @@ impl TaskService {
         let plan = VmPlan::new(
             &spec,
             &config.sizing,
+            &host,
             &config.assets,
             &image.path,
             &vsock_uds,
