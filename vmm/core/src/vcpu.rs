@@ -4,7 +4,7 @@
 //! [`VcpuControl`] is shared by the threads and the microVM: it says whether they run, park
 //! (pause) or end, counts parked threads so that a pause returns only once every vCPU is out
 //! of guest mode, and holds the kick handles that force a vCPU out of `run`. The first guest
-//! reset, power-off or fatal error stops all vCPUs and is reported once through a
+//! reset, power-off, crash or fatal error stops all vCPUs and is reported once through a
 //! [`StopNotifier`].
 
 use std::sync::Arc;
@@ -21,8 +21,12 @@ use tracing::{debug, error, info, trace, warn};
 /// Why a microVM stopped on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmStopReason {
-    /// The guest rebooted (i8042 reset, triple fault or reset request).
+    /// The guest rebooted (i8042 reset, reset request, or the triple fault of Linux's
+    /// `reboot=t` after it announced the restart on its console).
     GuestReset,
+    /// A vCPU triple-faulted without the guest announcing a reboot or a panic: the guest
+    /// crashed (x86_64 only). The registers at the fault are logged at error level.
+    GuestTripleFault,
     /// The guest powered off (power-off request, or the kernel's power-off console line).
     GuestShutdown,
     /// The guest kernel panicked (its panic banner appeared on the console).
@@ -33,12 +37,13 @@ pub enum VmStopReason {
 
 impl VmStopReason {
     /// The process exit status a VMM should end with: 0 for a clean guest reboot or power-off,
-    /// 1 for a guest panic, 2 for a VMM-side failure.
+    /// 1 for a guest panic, 2 for a VMM-side failure, 3 for a guest triple fault.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::GuestReset | Self::GuestShutdown => 0,
             Self::GuestPanic => 1,
             Self::Failed(_) => 2,
+            Self::GuestTripleFault => 3,
         }
     }
 }
@@ -375,6 +380,12 @@ fn run_loop(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
                 finish(ctx, reason);
                 return;
             }
+            VmExit::TripleFault => {
+                let reason = triple_fault_reason(&ctx.console);
+                report_triple_fault(vcpu, &reason);
+                finish(ctx, reason);
+                return;
+            }
             VmExit::Shutdown => {
                 info!("guest powered off");
                 finish(ctx, VmStopReason::GuestShutdown);
@@ -393,6 +404,68 @@ fn run_loop(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
     debug!("vcpu stopped");
 }
 
+/// What a triple fault means, going by what the guest printed before it: the end of a panic,
+/// the reset of a `reboot=t` reboot, or else a crash.
+fn triple_fault_reason(console: &ConsoleWatch) -> VmStopReason {
+    if console.panicked() {
+        VmStopReason::GuestPanic
+    } else if console.restart_announced() {
+        VmStopReason::GuestReset
+    } else {
+        VmStopReason::GuestTripleFault
+    }
+}
+
+/// A register value printed in hex in log fields.
+#[cfg(target_arch = "x86_64")]
+struct Hex(u64);
+
+#[cfg(target_arch = "x86_64")]
+impl std::fmt::Display for Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// Logs a triple fault: at error level with the vCPU's registers when it is a crash, at info
+/// level when the guest meant it (it announced a restart or panicked first).
+fn report_triple_fault(vcpu: &dyn Vcpu, reason: &VmStopReason) {
+    if *reason != VmStopReason::GuestTripleFault {
+        info!(?reason, "guest reset through a triple fault");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    match vcpu.fault_registers_x86_64() {
+        Ok(Some(r)) => error!(
+            rip = %Hex(r.rip),
+            rsp = %Hex(r.rsp),
+            rflags = %Hex(r.rflags),
+            cs = %Hex(u64::from(r.cs)),
+            cr0 = %Hex(r.cr0),
+            cr2 = %Hex(r.cr2),
+            cr3 = %Hex(r.cr3),
+            cr4 = %Hex(r.cr4),
+            efer = %Hex(r.efer),
+            idt_base = %Hex(r.idt.base),
+            idt_limit = %Hex(u64::from(r.idt.limit)),
+            "guest triple fault: the guest crashed"
+        ),
+        Ok(None) => error!(
+            "guest triple fault: the guest crashed; the hypervisor reset the vcpu when it \
+             reported the fault, so the registers at the fault are unknown"
+        ),
+        Err(e) => error!(
+            error = %e,
+            "guest triple fault: the guest crashed; its registers cannot be read"
+        ),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = vcpu;
+        error!("guest triple fault: the guest crashed");
+    }
+}
+
 fn finish(ctx: &VcpuContext, reason: VmStopReason) {
     ctx.control.stop();
     if let VmStopReason::Failed(detail) = &reason {
@@ -407,12 +480,42 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A scripted vCPU: replays exits, then reports resets.
+    /// A scripted vCPU: replays exits, then reports interrupts.
     struct FakeVcpu {
         script: VecDeque<FakeExit>,
         buf: [u8; 8],
         kicks: Arc<AtomicUsize>,
+        #[cfg_attr(
+            not(target_arch = "x86_64"),
+            expect(dead_code, reason = "only x86_64 vcpus report fault registers")
+        )]
+        register_reads: Arc<AtomicUsize>,
+        /// Whether the registers at a triple fault are still there (they are not under KVM on
+        /// AMD).
+        #[cfg_attr(
+            not(target_arch = "x86_64"),
+            expect(dead_code, reason = "only x86_64 vcpus report fault registers")
+        )]
+        registers_kept: bool,
     }
+
+    #[cfg(target_arch = "x86_64")]
+    const FAULT_REGISTERS: squib_hypervisor::x86_64::FaultRegisters =
+        squib_hypervisor::x86_64::FaultRegisters {
+            rip: 0x100_0004,
+            rsp: 0x8ff0,
+            rflags: 0x2,
+            cs: 0x8,
+            cr0: 0x8000_0011,
+            cr2: 0,
+            cr3: 0x9000,
+            cr4: 0x20,
+            efer: 0x500,
+            idt: squib_hypervisor::x86_64::DescriptorTable {
+                base: 0x520,
+                limit: 7,
+            },
+        };
 
     #[derive(Clone)]
     enum FakeExit {
@@ -421,6 +524,7 @@ mod tests {
         Interrupted,
         Reset,
         Shutdown,
+        TripleFault,
     }
 
     struct FakeKicker(Arc<AtomicUsize>);
@@ -451,6 +555,7 @@ mod tests {
                     }
                     FakeExit::Reset => VmExit::Reset,
                     FakeExit::Shutdown => VmExit::Shutdown,
+                    FakeExit::TripleFault => VmExit::TripleFault,
                 },
             )
         }
@@ -465,6 +570,13 @@ mod tests {
             Ok(())
         }
         #[cfg(target_arch = "x86_64")]
+        fn fault_registers_x86_64(
+            &self,
+        ) -> Result<Option<squib_hypervisor::x86_64::FaultRegisters>, HypervisorError> {
+            self.register_reads.fetch_add(1, Ordering::SeqCst);
+            Ok(self.registers_kept.then_some(FAULT_REGISTERS))
+        }
+        #[cfg(target_arch = "x86_64")]
         fn tsc_khz(&self) -> Result<Option<u32>, HypervisorError> {
             Ok(None)
         }
@@ -473,6 +585,18 @@ mod tests {
     struct FakeVm {
         scripts: Mutex<Vec<VecDeque<FakeExit>>>,
         kicks: Arc<AtomicUsize>,
+        register_reads: Arc<AtomicUsize>,
+    }
+
+    impl FakeVm {
+        /// One script per vCPU, popped from the end as vCPUs are created.
+        fn new(scripts: Vec<VecDeque<FakeExit>>, kicks: Arc<AtomicUsize>) -> Self {
+            Self {
+                scripts: Mutex::new(scripts),
+                kicks,
+                register_reads: Arc::new(AtomicUsize::new(0)),
+            }
+        }
     }
 
     impl Vm for FakeVm {
@@ -492,6 +616,8 @@ mod tests {
                 script,
                 buf: [0; 8],
                 kicks: self.kicks.clone(),
+                register_reads: self.register_reads.clone(),
+                registers_kept: true,
             }))
         }
         fn interrupt_line(
@@ -544,16 +670,16 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(0x3f8, 8, port.clone()).unwrap();
         let (ctx, rx) = context(bus);
-        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
-            scripts: Mutex::new(vec![VecDeque::from(vec![
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm::new(
+            vec![VecDeque::from(vec![
                 FakeExit::IoOut(0x3f8, b'h'),
                 FakeExit::IoIn(0x3f9),
                 FakeExit::IoIn(0x80),
                 FakeExit::IoOut(0x3f8, b'i'),
                 FakeExit::Reset,
-            ])]),
-            kicks: Arc::new(AtomicUsize::new(0)),
-        });
+            ])],
+            Arc::new(AtomicUsize::new(0)),
+        ));
         let handle = spawn(vm, 0, 1, Box::new(|_| Ok(())), ctx.clone()).unwrap();
         ctx.control.resume();
         assert_eq!(
@@ -572,10 +698,10 @@ mod tests {
         let mut sink = squib_devices::serial::ConsoleSink::new(Box::new(std::io::sink()), watch);
         // The banner without its line end: the reset decides.
         std::io::Write::write_all(&mut sink, b"Kernel panic - not syncing: test").unwrap();
-        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
-            scripts: Mutex::new(vec![VecDeque::from(vec![FakeExit::Reset])]),
-            kicks: Arc::new(AtomicUsize::new(0)),
-        });
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm::new(
+            vec![VecDeque::from(vec![FakeExit::Reset])],
+            Arc::new(AtomicUsize::new(0)),
+        ));
         let handle = spawn(vm, 0, 1, Box::new(|_| Ok(())), ctx.clone()).unwrap();
         ctx.control.resume();
         let reason = rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -588,10 +714,10 @@ mod tests {
     fn test_vcpu_pause_parks_every_vcpu_and_resume_continues() {
         let (ctx, rx) = context(Bus::new());
         let kicks = Arc::new(AtomicUsize::new(0));
-        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
-            scripts: Mutex::new(vec![VecDeque::new(), VecDeque::new()]),
-            kicks: kicks.clone(),
-        });
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm::new(
+            vec![VecDeque::new(), VecDeque::new()],
+            kicks.clone(),
+        ));
         let handles: Vec<_> = (0..2)
             .map(|i| spawn(vm.clone(), i, 2, Box::new(|_| Ok(())), ctx.clone()).unwrap())
             .collect();
@@ -616,10 +742,7 @@ mod tests {
     #[test]
     fn test_vcpu_setup_failure_is_reported() {
         let (ctx, _rx) = context(Bus::new());
-        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
-            scripts: Mutex::new(vec![]),
-            kicks: Arc::new(AtomicUsize::new(0)),
-        });
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm::new(vec![], Arc::new(AtomicUsize::new(0))));
         let err = spawn(
             vm,
             3,
@@ -639,10 +762,10 @@ mod tests {
     #[test]
     fn test_vcpu_shutdown_reports_guest_shutdown() {
         let (ctx, rx) = context(Bus::new());
-        let vm: Arc<dyn Vm> = Arc::new(FakeVm {
-            scripts: Mutex::new(vec![VecDeque::from(vec![FakeExit::Shutdown])]),
-            kicks: Arc::new(AtomicUsize::new(0)),
-        });
+        let vm: Arc<dyn Vm> = Arc::new(FakeVm::new(
+            vec![VecDeque::from(vec![FakeExit::Shutdown])],
+            Arc::new(AtomicUsize::new(0)),
+        ));
         let handle = spawn(vm, 0, 1, Box::new(|_| Ok(())), ctx.clone()).unwrap();
         ctx.control.resume();
         let reason = rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -654,6 +777,116 @@ mod tests {
     fn test_stop_reason_exit_codes() {
         assert_eq!(VmStopReason::GuestReset.exit_code(), 0);
         assert_eq!(VmStopReason::GuestShutdown.exit_code(), 0);
+        assert_eq!(VmStopReason::GuestPanic.exit_code(), 1);
         assert_eq!(VmStopReason::Failed("x".into()).exit_code(), 2);
+        assert_eq!(VmStopReason::GuestTripleFault.exit_code(), 3);
+    }
+
+    /// Runs one vCPU whose console first saw `console_output`, then triple-faults; returns the
+    /// stop reason and how often the vCPU's registers were read.
+    fn triple_fault_after(console_output: &[u8]) -> (VmStopReason, usize) {
+        let (ctx, rx) = context(Bus::new());
+        let mut sink =
+            squib_devices::serial::ConsoleSink::new(Box::new(std::io::sink()), ctx.console.clone());
+        std::io::Write::write_all(&mut sink, console_output).unwrap();
+        let vm = Arc::new(FakeVm::new(
+            vec![VecDeque::from(vec![FakeExit::TripleFault])],
+            Arc::new(AtomicUsize::new(0)),
+        ));
+        let handle = spawn(vm.clone(), 0, 1, Box::new(|_| Ok(())), ctx.clone()).unwrap();
+        ctx.control.resume();
+        let reason = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        handle.join().unwrap();
+        assert!(ctx.control.is_stopping());
+        (reason, vm.register_reads.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn test_vcpu_triple_fault_reports_crash_not_reset() {
+        let (reason, reads) = triple_fault_after(b"[    0.5] Run /init as init process\n");
+        assert_eq!(reason, VmStopReason::GuestTripleFault);
+        assert_ne!(reason.exit_code(), 0);
+        assert_ne!(reason.exit_code(), VmStopReason::GuestPanic.exit_code());
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(reads, 1, "a crash is reported with the registers");
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = reads;
+    }
+
+    #[test]
+    fn test_vcpu_triple_fault_after_restart_banner_is_a_reset() {
+        // Linux with `reboot=t` announces the restart, then triple-faults on purpose.
+        let (reason, reads) = triple_fault_after(b"[    2.0] reboot: Restarting system\r\n");
+        assert_eq!(reason, VmStopReason::GuestReset);
+        assert_eq!(reason.exit_code(), 0);
+        assert_eq!(reads, 0, "a requested reboot is no crash to report");
+    }
+
+    #[test]
+    fn test_vcpu_triple_fault_after_panic_banner_reports_panic() {
+        let (reason, _) = triple_fault_after(b"Kernel panic - not syncing: VFS\n");
+        assert_eq!(reason, VmStopReason::GuestPanic);
+    }
+
+    /// What [`report_triple_fault`] logs for a crash on a vCPU that kept (or lost) its
+    /// registers.
+    #[cfg(target_arch = "x86_64")]
+    fn triple_fault_log(registers_kept: bool) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let vcpu = FakeVcpu {
+            script: VecDeque::new(),
+            buf: [0; 8],
+            kicks: Arc::new(AtomicUsize::new(0)),
+            register_reads: Arc::new(AtomicUsize::new(0)),
+            registers_kept,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            report_triple_fault(&vcpu, &VmStopReason::GuestTripleFault);
+        });
+        String::from_utf8(captured.0.lock().clone()).unwrap()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn test_triple_fault_report_logs_registers_at_error_level() {
+        let log = triple_fault_log(true);
+        assert!(log.contains("ERROR"), "{log}");
+        assert!(log.contains("triple fault"), "{log}");
+        for field in [
+            "rip=0x1000004",
+            "rsp=0x8ff0",
+            "cr0=0x80000011",
+            "cr3=0x9000",
+            "cr4=0x20",
+            "efer=0x500",
+        ] {
+            assert!(log.contains(field), "{field} missing from {log}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn test_triple_fault_report_says_when_registers_were_lost() {
+        let log = triple_fault_log(false);
+        assert!(log.contains("ERROR"), "{log}");
+        assert!(log.contains("registers at the fault are unknown"), "{log}");
+        assert!(!log.contains("rip="), "no made-up registers: {log}");
     }
 }

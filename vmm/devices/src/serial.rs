@@ -4,11 +4,12 @@
 //! each guest byte (one VM exit each) costs no system call. Reads see an empty receiver; host
 //! input to the console is not wired up.
 //!
-//! The sink also watches the byte stream for the kernel's panic and power-off/halt banners (see [`ConsoleWatch`]): a
-//! guest kernel without ACPI or PCI has no pvpanic device to report a panic through and no
-//! power-off method (its `poweroff` halts the CPUs forever), and a panicking kernel booted with
-//! `panic=N` resets the machine exactly as a requested reboot does. The console is the one
-//! channel such a kernel still uses.
+//! The sink also watches the byte stream for the kernel's panic, power-off/halt and restart
+//! banners (see [`ConsoleWatch`]): a guest kernel without ACPI or PCI has no pvpanic device to
+//! report a panic through and no power-off method (its `poweroff` halts the CPUs forever), a
+//! panicking kernel booted with `panic=N` resets the machine exactly as a requested reboot does,
+//! and a reboot with `reboot=t` is a deliberate triple fault, just like a crash. The console is
+//! the one channel such a kernel still uses.
 
 use std::io::{self, LineWriter, Write};
 use std::sync::Arc;
@@ -25,6 +26,8 @@ const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
 /// (`kernel_halt`, which is also what a power-off becomes when the kernel has no power-off
 /// method, as on x86_64 without ACPI).
 const POWER_OFF_BANNERS: [&[u8]; 2] = [b"reboot: Power down", b"reboot: System halted"];
+/// The line Linux prints right before it resets the machine for a reboot (`kernel_restart`).
+const RESTART_BANNER: &[u8] = b"reboot: Restarting system";
 /// Longest line prefix kept for matching; banners appear at the start of kernel log lines.
 const LINE_KEEP: usize = 128;
 
@@ -32,6 +35,7 @@ const SEEN_PANIC: u8 = 1;
 const SEEN_POWER_OFF: u8 = 2;
 const STOP_PANIC: u8 = 4;
 const STOP_POWER_OFF: u8 = 8;
+const SEEN_RESTART: u8 = 16;
 
 /// Why the console asks for the microVM to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +62,13 @@ impl ConsoleWatch {
     /// Whether the panic banner has been seen (its line need not be complete).
     pub fn panicked(&self) -> bool {
         self.0.load(Ordering::SeqCst) & SEEN_PANIC != 0
+    }
+
+    /// Whether the kernel announced a reboot (its restart line need not be complete). A reset
+    /// that follows is the reboot it asked for; with `reboot=t` that reset is a deliberate
+    /// triple fault, which is then no crash.
+    pub fn restart_announced(&self) -> bool {
+        self.0.load(Ordering::SeqCst) & SEEN_RESTART != 0
     }
 
     /// The stop the console asks for, once a banner's line is complete. A panic wins over a
@@ -130,6 +141,8 @@ impl ConsoleSink {
             self.watch.set(SEEN_PANIC);
         } else if POWER_OFF_BANNERS.iter().any(|b| self.line.ends_with(b)) {
             self.watch.set(SEEN_POWER_OFF);
+        } else if self.line.ends_with(RESTART_BANNER) {
+            self.watch.set(SEEN_RESTART);
         }
     }
 }
@@ -325,6 +338,25 @@ mod tests {
         assert_eq!(watch.stop_request(), None);
         sink.write_all(b"KKernel panic - not syncing\n").unwrap();
         assert!(watch.panicked());
+    }
+
+    #[test]
+    fn test_console_sink_notes_restart_banner_without_asking_to_stop() {
+        let watch = ConsoleWatch::new();
+        let mut sink = ConsoleSink::new(Box::new(io::sink()), watch.clone());
+        sink.write_all(b"[   3.0] reboot: Restarting syste\n")
+            .unwrap();
+        assert!(!watch.restart_announced(), "a near miss is no restart");
+        sink.write_all(b"[   3.1] reboot: Restarting system")
+            .unwrap();
+        assert!(watch.restart_announced(), "noted before the line ends");
+        sink.write_all(b"\r\n").unwrap();
+        assert_eq!(
+            watch.stop_request(),
+            None,
+            "the reset that follows ends the VM"
+        );
+        assert!(!watch.panicked());
     }
 
     #[test]

@@ -64,9 +64,14 @@ pub enum VmExit<'a> {
     },
     /// The guest powered the machine off.
     Shutdown,
-    /// The guest asked for a reset (reboot), or the CPU reset itself (x86_64 triple fault);
-    /// squib ends the VM as Firecracker does.
+    /// The guest asked for a reset (reboot); squib ends the VM as Firecracker does.
     Reset,
+    /// x86_64: the vCPU shut down on a triple fault (a fault while delivering a double fault),
+    /// where real hardware would reset. A guest gets here when it has crashed beyond its own
+    /// exception handling, or on purpose when Linux reboots with `reboot=t`. The registers at
+    /// the fault can be read with `Vcpu::fault_registers_x86_64` before the next run, where the
+    /// backend still has them. Other architectures never report it.
+    TripleFault,
     /// The run was interrupted from another thread through a [`VcpuKicker`].
     Interrupted,
     /// An exit the backend does not handle, with the backend's raw reason.
@@ -105,6 +110,22 @@ pub trait Vcpu {
     /// [`HypervisorError::Call`] naming the register class the backend refused.
     #[cfg(target_arch = "x86_64")]
     fn configure_x86_64(&mut self, setup: &x86_64::VcpuSetup) -> Result<(), HypervisorError>;
+
+    /// x86_64: the registers that say where the vCPU was and how it translated addresses,
+    /// for reporting a crash (read after [`VmExit::TripleFault`], on the vCPU's thread).
+    /// `None` when the backend knows they no longer hold the state at the fault.
+    ///
+    /// # Limitations
+    ///
+    /// KVM on AMD processors puts a vCPU through INIT when it reports the triple fault (the
+    /// processor leaves the guest state undefined after the shutdown intercept), so there the
+    /// state at the fault is lost and the answer is `None`. KVM on Intel processors keeps it.
+    ///
+    /// # Errors
+    ///
+    /// [`HypervisorError::Call`] naming the register class the backend could not read.
+    #[cfg(target_arch = "x86_64")]
+    fn fault_registers_x86_64(&self) -> Result<Option<x86_64::FaultRegisters>, HypervisorError>;
 
     /// x86_64: the vCPU's TSC frequency in kHz when the backend can tell, `None` otherwise.
     ///

@@ -142,3 +142,29 @@ pub struct VcpuSetup {
     /// MSRs to write.
     pub msrs: Vec<MsrEntry>,
 }
+
+/// What a crash report shows of a vCPU: where it was executing, its stack, and the state that
+/// decides how it translated addresses and took faults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultRegisters {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+    /// The code segment's selector (its low two bits are the privilege level).
+    pub cs: u16,
+    /// CR0 (protection and paging enables).
+    pub cr0: u64,
+    /// CR2: the linear address of the last page fault.
+    pub cr2: u64,
+    /// CR3 (page table root).
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// IA32_EFER (long mode enable and active).
+    pub efer: u64,
+    /// The interrupt descriptor table the fault was delivered through.
+    pub idt: DescriptorTable,
+}

@@ -467,6 +467,15 @@ impl<O: VmOps> Vcpu for HvfVcpu<O> {
     }
 
     #[cfg(target_arch = "x86_64")]
+    fn fault_registers_x86_64(
+        &self,
+    ) -> Result<Option<crate::x86_64::FaultRegisters>, HypervisorError> {
+        Err(HypervisorError::Unsupported {
+            capability: "x86_64 vcpus under hypervisor.framework",
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
     fn tsc_khz(&self) -> Result<Option<u32>, HypervisorError> {
         Ok(None)
     }

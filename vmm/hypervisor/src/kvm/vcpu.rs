@@ -8,7 +8,7 @@ use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_msr_entry, kvm_segment};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use super::call_error;
-use crate::x86_64::{Segment, VcpuSetup};
+use crate::x86_64::{DescriptorTable, FaultRegisters, Segment, VcpuSetup};
 use crate::{HypervisorError, Vcpu, VcpuKicker, VmExit};
 
 /// Local APIC register offsets of the LINT0 and LINT1 local vector table entries.
@@ -198,6 +198,42 @@ fn to_kvm_segment(s: &Segment) -> kvm_segment {
     }
 }
 
+/// The real-mode code segment and instruction pointer of the x86 INIT (and reset) state.
+const INIT_CS_SELECTOR: u16 = 0xf000;
+const INIT_CS_BASE: u64 = 0xffff_0000;
+const INIT_RIP: u64 = 0xfff0;
+
+/// Whether the registers are the INIT state. KVM on AMD (SVM) INITs a vCPU before it reports
+/// KVM_EXIT_SHUTDOWN, because the processor leaves the guest state undefined after a shutdown
+/// intercept; what is read afterwards then says nothing about the fault. KVM on Intel (VMX)
+/// leaves the state at the triple fault in place. A squib guest never runs at the reset vector
+/// (it is started in protected or long mode, without firmware), so this state means the reset.
+fn is_init_state(regs: &kvm_bindings::kvm_regs, sregs: &kvm_bindings::kvm_sregs) -> bool {
+    regs.rip == INIT_RIP && sregs.cs.selector == INIT_CS_SELECTOR && sregs.cs.base == INIT_CS_BASE
+}
+
+/// The crash-report subset of KVM's register sets.
+fn fault_registers(
+    regs: &kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+) -> FaultRegisters {
+    FaultRegisters {
+        rip: regs.rip,
+        rsp: regs.rsp,
+        rflags: regs.rflags,
+        cs: sregs.cs.selector,
+        cr0: sregs.cr0,
+        cr2: sregs.cr2,
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        efer: sregs.efer,
+        idt: DescriptorTable {
+            base: sregs.idt.base,
+            limit: sregs.idt.limit,
+        },
+    }
+}
+
 impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
         let index = self.index;
@@ -209,8 +245,8 @@ impl Vcpu for KvmVcpu {
                 VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
                 VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
                 VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
-                // A triple fault: real hardware resets the machine.
-                VcpuExit::Shutdown => VmExit::Reset,
+                // KVM_EXIT_SHUTDOWN is x86's shutdown state, entered on a triple fault.
+                VcpuExit::Shutdown => VmExit::TripleFault,
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Shutdown,
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
@@ -377,6 +413,18 @@ impl Vcpu for KvmVcpu {
         self.set_lapic_lints()
     }
 
+    fn fault_registers_x86_64(&self) -> Result<Option<FaultRegisters>, HypervisorError> {
+        let regs = self.fd.get_regs().map_err(|e| call_error("get regs", &e))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| call_error("get sregs", &e))?;
+        if is_init_state(&regs, &sregs) {
+            return Ok(None);
+        }
+        Ok(Some(fault_registers(&regs, &sregs)))
+    }
+
     fn tsc_khz(&self) -> Result<Option<u32>, HypervisorError> {
         match self.fd.get_tsc_khz() {
             Ok(khz) if khz > 0 => Ok(Some(khz)),
@@ -391,6 +439,63 @@ impl Vcpu for KvmVcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_fault_registers_take_each_field_from_its_kvm_register() {
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0xffff_ffff_8100_0000,
+            rsp: 0xffff_c900_0001_3f00,
+            rflags: 0x10046,
+            rax: 1,
+            ..Default::default()
+        };
+        let mut sregs = kvm_bindings::kvm_sregs {
+            cr0: 0x8005_0033,
+            cr2: 0xdead_b000,
+            cr3: 0x1c0_a000,
+            cr4: 0x3606f0,
+            efer: 0xd01,
+            ..Default::default()
+        };
+        sregs.cs.selector = 0x10;
+        sregs.idt.base = 0xffff_fe00_0000_0000;
+        sregs.idt.limit = 0xfff;
+        let f = fault_registers(&regs, &sregs);
+        assert_eq!(
+            (f.rip, f.rsp, f.rflags, f.cs),
+            (0xffff_ffff_8100_0000, 0xffff_c900_0001_3f00, 0x10046, 0x10)
+        );
+        assert_eq!(
+            (f.cr0, f.cr2, f.cr3, f.cr4, f.efer),
+            (0x8005_0033, 0xdead_b000, 0x1c0_a000, 0x3606f0, 0xd01)
+        );
+        assert_eq!((f.idt.base, f.idt.limit), (0xffff_fe00_0000_0000, 0xfff));
+    }
+
+    #[test]
+    fn test_init_state_is_recognised_and_a_long_mode_fault_is_not() {
+        // What KVM on AMD hands back after a triple fault.
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0xfff0,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        let mut sregs = kvm_bindings::kvm_sregs {
+            cr0: 0x10,
+            ..Default::default()
+        };
+        sregs.cs.selector = 0xf000;
+        sregs.cs.base = 0xffff_0000;
+        assert!(is_init_state(&regs, &sregs));
+        // A fault in long mode, as KVM on Intel leaves it.
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x10_0078,
+            ..regs
+        };
+        sregs.cs.selector = 0x8;
+        sregs.cs.base = 0;
+        assert!(!is_init_state(&regs, &sregs));
+    }
 
     #[test]
     fn test_segment_conversion_keeps_every_bit() {
