@@ -24,7 +24,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
 use squib_hypervisor::x86_64::{
     CpuidEntry, DescriptorTable, GeneralRegisters, MsrEntry, SpecialRegisters, VcpuSetup,
 };
@@ -134,6 +134,10 @@ pub struct BootImages<'a> {
 }
 
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// `xloadflags` bit: the bzImage has the 64-bit entry point at offset 0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// The boot protocol version (2.10) from which `pref_address` and `init_size` are valid.
+const BOOT_PROTOCOL_INIT_SIZE: u16 = 0x020a;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
@@ -207,7 +211,17 @@ pub fn load_boot_images(
     cmdline_nul.push(0);
     write_bytes(mem, "kernel command line", CMDLINE_START, &cmdline_nul)?;
 
-    let kernel_end = loaded.kernel_load.0.saturating_add(loaded.kernel_end);
+    if let Some(header) = loaded.setup_header
+        && header.xloadflags & XLF_KERNEL_64 == 0
+    {
+        return Err(BootError::LoadKernel {
+            path: images.kernel.to_path_buf(),
+            reason: format!("bzImage has no 64-bit entry point (xloadflags {:#x})", {
+                header.xloadflags
+            }),
+        });
+    }
+    let kernel_end = kernel_footprint_end(&loaded);
     let initrd_limit = loaded
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max))
@@ -216,12 +230,7 @@ pub fn load_boot_images(
             layout::low_ram_end(mem_size_bytes).min(max + 1)
         });
     let initrd = match images.initrd {
-        Some(path) => Some(load_initrd(
-            mem,
-            path,
-            kernel_end.max(loaded.kernel_end),
-            initrd_limit,
-        )?),
+        Some(path) => Some(load_initrd(mem, path, kernel_end, initrd_limit)?),
         None => None,
     };
 
@@ -256,6 +265,19 @@ pub fn load_boot_images(
             Ok(EntryPoint::Linux64 { entry })
         }
     }
+}
+
+/// Where the memory the kernel occupies ends. For an ELF image that is the end of its last
+/// segment. A bzImage is only the compressed kernel: its decompressor writes the kernel to
+/// `pref_address` (where a kernel that is not relocatable must run, and where a relocatable one
+/// loaded below it goes too) and needs `init_size` bytes from there, far beyond the image's own
+/// end. Nothing may be placed in that range, or the decompressor overwrites it.
+fn kernel_footprint_end(loaded: &KernelLoaderResult) -> u64 {
+    let decompressed_end = loaded
+        .setup_header
+        .filter(|h| h.version >= BOOT_PROTOCOL_INIT_SIZE)
+        .map_or(0, |h| h.pref_address.saturating_add(u64::from(h.init_size)));
+    loaded.kernel_end.max(decompressed_end)
 }
 
 /// Places the initrd page-aligned at the top of low memory; returns its (address, size).
@@ -600,6 +622,150 @@ mod tests {
         let mut back = vec![0u8; 5000];
         mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
         assert!(back.iter().all(|b| *b == 0x5a));
+    }
+
+    fn bzimage_result(version: u16, pref_address: u64, init_size: u32) -> KernelLoaderResult {
+        let header = linux_loader::loader::bootparam::setup_header {
+            version,
+            pref_address,
+            init_size,
+            xloadflags: XLF_KERNEL_64,
+            ..Default::default()
+        };
+        KernelLoaderResult {
+            kernel_load: GuestAddress(HIMEM_START),
+            kernel_end: HIMEM_START + 0x2c_0000,
+            setup_header: Some(header),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn test_kernel_footprint_of_bzimage_covers_its_decompressed_kernel() {
+        // The guest kernel's bzImage: 2.8 MiB compressed at 1 MiB, decompressed at 16 MiB.
+        let loaded = bzimage_result(0x020f, 0x100_0000, 0x1a0_0000);
+        assert_eq!(kernel_footprint_end(&loaded), 0x100_0000 + 0x1a0_0000);
+    }
+
+    #[test]
+    fn test_kernel_footprint_ignores_init_size_of_old_boot_protocol() {
+        let loaded = bzimage_result(0x0209, 0x100_0000, 0x1a0_0000);
+        assert_eq!(kernel_footprint_end(&loaded), HIMEM_START + 0x2c_0000);
+    }
+
+    #[test]
+    fn test_kernel_footprint_of_elf_is_its_segments_end() {
+        let loaded = KernelLoaderResult {
+            kernel_load: GuestAddress(0x100_0000),
+            kernel_end: 0x1e0_0000,
+            ..Default::default()
+        };
+        assert_eq!(kernel_footprint_end(&loaded), 0x1e0_0000);
+    }
+
+    /// A bzImage reduced to what the loader reads: a one-sector setup with the boot protocol
+    /// header, then 8 KiB standing in for the compressed kernel.
+    fn fake_bzimage(xloadflags: u16, init_size: u32) -> Vec<u8> {
+        let mut image = vec![0u8; 1024 + 8192];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            image[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0x1f1, &[1]); // setup_sects
+        put(0x1fe, &KERNEL_BOOT_FLAG_MAGIC.to_le_bytes());
+        put(0x202, &KERNEL_HDR_MAGIC.to_le_bytes());
+        put(0x206, &0x020fu16.to_le_bytes()); // version 2.15
+        put(0x211, &[1]); // loadflags: LOADED_HIGH
+        put(0x214, &0x10_0000u32.to_le_bytes()); // code32_start
+        put(0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        put(0x236, &xloadflags.to_le_bytes());
+        put(0x258, &0x100_0000u64.to_le_bytes()); // pref_address
+        put(0x260, &init_size.to_le_bytes());
+        image
+    }
+
+    fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("squib-{name}-{}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn test_load_boot_images_enters_bzimage_at_64bit_entry_with_boot_params() {
+        let mem = guest_memory(128 << 20);
+        let kernel = temp_file("bz-ok", &fake_bzimage(XLF_KERNEL_64, 0x1a0_0000));
+        let initrd = temp_file("bz-ok-initrd", &[0x5a; 4096]);
+        let images = BootImages {
+            kernel: &kernel,
+            initrd: Some(&initrd),
+            cmdline: "console=ttyS0",
+        };
+        let entry = load_boot_images(&mem, 128 << 20, 1, &images);
+        std::fs::remove_file(&kernel).unwrap();
+        std::fs::remove_file(&initrd).unwrap();
+        assert_eq!(
+            entry.unwrap(),
+            EntryPoint::Linux64 {
+                entry: HIMEM_START + BZIMAGE_64BIT_ENTRY_OFFSET
+            }
+        );
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ params.hdr.code32_start }, 0x10_0000);
+        assert_eq!({ params.hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        assert_eq!({ params.hdr.cmd_line_ptr }, 0x20000);
+        assert_eq!({ params.hdr.cmdline_size }, 14);
+        assert_eq!({ params.hdr.ramdisk_size }, 4096);
+        let ramdisk = u64::from(params.hdr.ramdisk_image);
+        assert!(ramdisk >= 0x100_0000 + 0x1a0_0000, "{ramdisk:#x}");
+        assert_eq!(
+            usize::from(params.e820_entries),
+            layout::memory_map(128 << 20).len()
+        );
+        let mut first = [0u8; 2];
+        mem.read_slice(&mut first, GuestAddress(HIMEM_START))
+            .unwrap();
+        assert_eq!(
+            first,
+            [0, 0],
+            "the image after its setup sectors is at 1 MiB"
+        );
+    }
+
+    #[test]
+    fn test_load_boot_images_keeps_initrd_out_of_bzimage_decompression_area() {
+        // 48 MiB of RAM: an 8 MiB initrd at the top would start at 40 MiB, inside the 26 MiB
+        // the decompressor needs from 16 MiB.
+        let mem = guest_memory(48 << 20);
+        let kernel = temp_file("bz-overlap", &fake_bzimage(XLF_KERNEL_64, 0x1a0_0000));
+        let initrd = temp_file("bz-overlap-initrd", &vec![0u8; 8 << 20]);
+        let images = BootImages {
+            kernel: &kernel,
+            initrd: Some(&initrd),
+            cmdline: "console=ttyS0",
+        };
+        let result = load_boot_images(&mem, 48 << 20, 1, &images);
+        std::fs::remove_file(&kernel).unwrap();
+        std::fs::remove_file(&initrd).unwrap();
+        assert!(
+            matches!(result, Err(BootError::InitrdTooLarge { size, .. }) if size == 8 << 20),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn test_load_boot_images_refuses_bzimage_without_64bit_entry() {
+        let mem = guest_memory(64 << 20);
+        let kernel = temp_file("bz-32", &fake_bzimage(0, 0x1a0_0000));
+        let images = BootImages {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "",
+        };
+        let result = load_boot_images(&mem, 64 << 20, 1, &images);
+        std::fs::remove_file(&kernel).unwrap();
+        let err = result.unwrap_err();
+        assert!(matches!(err, BootError::LoadKernel { .. }), "{err:?}");
+        assert!(err.to_string().contains("64-bit entry"), "{err}");
     }
 
     #[test]
