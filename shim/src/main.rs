@@ -4,7 +4,7 @@
 //! containerd runs the binary three ways:
 //! - `… -id ID start`: spawn the long-lived server for this container, print its socket address;
 //! - `… -id ID -socket ADDR` (no action): the server itself, serving the task API over ttrpc;
-//! - `… -id ID delete`: clean up after a server that died (its VM died with it; the socket,
+//! - `… -id ID delete`: clean up after a server that died (its VM died with it; its sockets,
 //!   a leftover scratch mount and the process itself if it hangs are removed here).
 //!
 //! The server answers both `containerd.task.v2.Task` (containerd 1.6 and 1.7) and
@@ -159,6 +159,14 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir(&record.scratch);
         }
         let _ = std::fs::remove_file(&record_path);
+    }
+    // The dead server's ttrpc socket (outside the bundle, so containerd leaves it): remove it
+    // unless something still answers there.
+    if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+        let path = socket_path(address.trim());
+        if !path.as_os_str().is_empty() && std::os::unix::net::UnixStream::connect(path).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
