@@ -143,6 +143,23 @@ impl Containerd {
         c
     }
 
+    /// Stops only the containerd daemon (by its PID; shims, VMs and mounts stay) and starts it
+    /// again with the same config (`containerd-private restart`).
+    pub fn restart(&self) -> Result<(), String> {
+        let out = output_with_timeout(
+            Command::new(vm_env::repo_root().join("scripts/containerd-private"))
+                .arg("restart")
+                .arg(&self.dir),
+            Duration::from_secs(180),
+        )
+        .map_err(|e| format!("containerd-private restart: {e}"))?;
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == self.sock {
+            Ok(())
+        } else {
+            Err(format!("containerd-private restart: {}", describe(&out)))
+        }
+    }
+
     /// A `ctr` command against this containerd and the test namespace.
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
