@@ -252,6 +252,27 @@ mod tests {
     }
 
     #[test]
+    fn test_cli_takes_console_socket_for_create_run_and_exec() {
+        let Command::Create(a) = parse(&["create", "--console-socket", "/s", "c1"]).command else {
+            panic!("not create")
+        };
+        assert_eq!(a.console_socket, Some(PathBuf::from("/s")));
+        let Command::Run(a) = parse(&["run", "-d", "--console-socket", "/s", "c1"]).command else {
+            panic!("not run")
+        };
+        assert!(a.detach);
+        assert_eq!(a.console_socket, Some(PathBuf::from("/s")));
+        let Command::Exec(a) =
+            parse(&["exec", "-d", "-t", "--console-socket", "/s", "c1", "sh"]).command
+        else {
+            panic!("not exec")
+        };
+        assert!(a.detach && a.tty);
+        assert_eq!(a.console_socket, Some(PathBuf::from("/s")));
+        assert_eq!(a.command, ["sh"]);
+    }
+
+    #[test]
     fn test_cli_rejects_missing_id_and_unknown_command() {
         assert!(Cli::try_parse_from(["squib", "start"]).is_err());
         assert!(Cli::try_parse_from(["squib", "frobnicate", "x"]).is_err());

@@ -348,6 +348,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_check_console_socket_follows_runc_rules() {
+        let sock = Path::new("/run/c.sock");
+        // Detached with a terminal: the socket is required.
+        let err = check_console_socket(true, true, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("process.terminal = true")
+                && err.contains("cannot allocate tty")
+                && err.contains("--console-socket"),
+            "{err}"
+        );
+        check_console_socket(true, true, Some(sock)).unwrap();
+        // A socket is refused without a terminal or in the foreground.
+        for (terminal, detach) in [(false, true), (true, false), (false, false)] {
+            let err = check_console_socket(terminal, detach, Some(sock))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("cannot use console socket") && err.contains("/run/c.sock"),
+                "{err}"
+            );
+        }
+        // Neither: nothing to check (a foreground terminal uses the caller's).
+        check_console_socket(true, false, None).unwrap();
+        check_console_socket(false, true, None).unwrap();
+    }
+
+    #[test]
     fn test_rfc3339_formats_known_instants() {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
