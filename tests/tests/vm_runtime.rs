@@ -568,6 +568,74 @@ mod tests {
     }
 
     #[test]
+    fn test_runtime_run_applies_console_size_cpuset_and_memory_sentinel() {
+        let w = World::new("limits");
+        // c07 in its OCI form: `consoleSize` is the size the process starts with. stdin and
+        // stdout are pipes here, so `squib run` has no terminal of its own to resize to.
+        let b = w.bundle("console", &["sh", "-c", "stty size; tty"], |s| {
+            s["process"]["terminal"] = json!(true);
+            s["process"]["consoleSize"] = json!({"height": 40, "width": 120});
+        });
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c07"]);
+        assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+        let stdout = text(&out.stdout).replace('\r', "");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.first(), Some(&"40 120"), "{stdout:?}");
+        assert!(
+            lines.get(1).is_some_and(|l| l.starts_with("/dev/pts/")),
+            "{stdout:?}"
+        );
+        w.assert_gone("c07");
+
+        // c22 in its OCI form: a cpuset gives the VM exactly that many CPUs.
+        let host_cpus = std::thread::available_parallelism().unwrap().get();
+        assert!(
+            (2..64).contains(&host_cpus),
+            "c22 needs a host with 2 to 63 CPUs, this one has {host_cpus}"
+        );
+        fn cpus(list: &'static str) -> impl FnOnce(&mut Value) {
+            move |s: &mut Value| s["linux"]["resources"] = json!({"cpu": {"cpus": list}})
+        }
+        let b = w.bundle("cpu0", &["nproc"], cpus("0"));
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c22cpu0"]);
+        assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "1\n");
+        w.assert_gone("c22cpu0");
+        let b = w.bundle(
+            "cpu01",
+            &[
+                "sh",
+                "-c",
+                "nproc; grep Cpus_allowed_list /proc/self/status",
+            ],
+            cpus("0-1"),
+        );
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c22cpu01"]);
+        assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "2\nCpus_allowed_list:\t0-1\n");
+        w.assert_gone("c22cpu01");
+        // A CPU the host does not have fails create, as with runc, naming the field.
+        let b = w.bundle("cpu63", &["nproc"], cpus("63"));
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c22cpu63"]);
+        assert_ne!(code(&out), Some(0), "stdout: {}", text(&out.stdout));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("linux.resources.cpu.cpus") && err.contains("\"63\""),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+        w.assert_gone("c22cpu63");
+        // The "unlimited" sentinel is no limit, not a VM of 8 EiB.
+        let b = w.bundle("unlimited", &["echo", "hi"], |s| {
+            s["linux"]["resources"] = json!({"memory": {"limit": 9_223_372_036_854_771_712i64}});
+        });
+        let out = w.run(&["run", "-b", b.to_str().unwrap(), "c22mem"]);
+        assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "hi\n");
+        w.assert_gone("c22mem");
+    }
+
+    #[test]
     fn test_runtime_runs_debian_minbase() {
         let w = World::new("minbase");
         let out = Command::new(vm_env::repo_root().join("scripts/mk-minbase"))
@@ -796,8 +864,8 @@ mod tests {
         read_master_until(&master2, "\u{0}never", SLOW);
         assert_eq!(attach_helpers(&w), Vec::<i32>::new());
 
-        // A detached exec that outlives its container: its helper ends with the VM, and
-        // delete would stop it otherwise.
+        // Closing the master hangs up the helper's terminal: it passes SIGHUP on to the
+        // process, which dies of it, and the helper ends with it.
         let receiver3 = ConsoleReceiver::bind(w.dir.join("exec3.sock"));
         let out = w.run(&[
             "exec",
@@ -810,7 +878,30 @@ mod tests {
             "1000",
         ]);
         assert_eq!(code(&out), Some(0), "exec: {}", text(&out.stderr));
-        let (master3, _conn3) = receiver3.receive(Duration::from_secs(10));
+        let (master3, conn3) = receiver3.receive(Duration::from_secs(10));
+        assert_eq!(attach_helpers(&w).len(), 1);
+        drop((master3, conn3));
+        let deadline = Instant::now() + SLOW;
+        while !attach_helpers(&w).is_empty() {
+            assert!(Instant::now() < deadline, "the helper outlived its hangup");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+
+        // A detached exec that outlives its container: its helper ends with the VM, and
+        // delete would stop it otherwise.
+        let receiver4 = ConsoleReceiver::bind(w.dir.join("exec4.sock"));
+        let out = w.run(&[
+            "exec",
+            "-d",
+            "-t",
+            "--console-socket",
+            receiver4.path.to_str().unwrap(),
+            "tty1",
+            "sleep",
+            "1000",
+        ]);
+        assert_eq!(code(&out), Some(0), "exec: {}", text(&out.stderr));
+        let (master4, _conn4) = receiver4.receive(Duration::from_secs(10));
         assert_eq!(attach_helpers(&w).len(), 1);
 
         std::io::Write::write_all(&mut &master, b"hello squib\r").unwrap();
@@ -828,7 +919,7 @@ mod tests {
         assert_eq!(code(&w.run(&["delete", "tty1"])), Some(0));
         w.assert_gone("tty1");
         assert_eq!(attach_helpers(&w), Vec::<i32>::new());
-        read_master_until(&master3, "\u{0}never", SLOW);
+        read_master_until(&master4, "\u{0}never", SLOW);
     }
 
     /// The pids of this world's detached-exec terminal helpers that still run.
