@@ -3,8 +3,10 @@
 //! One private containerd (scripts/containerd-private) serves every case, with the shim on its
 //! PATH and a locally built busybox image imported; each case is a `ctr` command line and its
 //! expected output, taken from the cases of other runtimes' bugs where one applies (c01, c02,
-//! c04, c05, c08). The cases run one after another and the test fails listing those that
-//! failed, so one broken case does not hide the others. The harness is `shim_harness`.
+//! c04, c05, c08), plus the shim's own failure paths: ten containers at once, a SIGKILLed shim,
+//! a containerd restart under a running container, and a Debian minbase image. The cases run one
+//! after another and the test fails listing those that failed, so one broken case does not hide
+//! the others. The harness is `shim_harness`.
 
 // Everything here is test code: the helpers may unwrap like the tests they serve.
 #![cfg(test)]
@@ -12,7 +14,7 @@
 mod shim_harness;
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -91,47 +93,136 @@ fn case_c01_exec_failures(c: &Containerd) -> CaseResult {
 }
 
 fn case_delete_leaves_nothing(c: &Containerd) -> CaseResult {
-    let before_mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let before_mounts = mounts();
     c.run_detached("gone")?;
     check!(
         !shim_children().is_empty(),
         "no shim process while the container runs"
     );
-    let vsock_dir = Path::new("/run/squib");
-    let sockets_running: Vec<_> = std::fs::read_dir(vsock_dir)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    check!(!sockets_running.is_empty(), "no vsock socket while running");
+    check!(!vsock_sockets().is_empty(), "no vsock socket while running");
     c.remove("gone");
     // The shim exits after containerd's shutdown call.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !shim_children().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    check!(
-        shim_children().is_empty(),
-        "shim processes left: {:?}",
-        shim_children()
-    );
-    let sockets: Vec<_> = std::fs::read_dir(vsock_dir)
+    finish(c, &before_mounts, &["gone"])
+}
+
+/// The mount table now.
+fn mounts() -> String {
+    std::fs::read_to_string("/proc/self/mounts").unwrap()
+}
+
+/// The VMs' hybrid vsock sockets (and anything else) under /run/squib.
+fn vsock_sockets() -> Vec<PathBuf> {
+    std::fs::read_dir("/run/squib")
         .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    check!(sockets.is_empty(), "sockets left: {sockets:?}");
-    let after_mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    let new: Vec<_> = after_mounts
-        .lines()
-        .filter(|l| !before_mounts.contains(l))
-        .collect();
-    check!(new.is_empty(), "mounts left: {new:?}");
-    let bundle = c
-        .dir
+        .unwrap_or_default()
+}
+
+/// The bundle directory containerd made for container `id`.
+fn bundle_dir(c: &Containerd, id: &str) -> PathBuf {
+    c.dir
         .join("state/io.containerd.runtime.v2.task")
         .join(NS)
-        .join("gone");
-    check!(!bundle.exists(), "bundle left: {}", bundle.display());
-    let tasks = c.ctr(&["task", "ls", "-q"]);
-    check!(tasks.stdout.is_empty(), "tasks left: {}", describe(&tasks));
-    Ok(())
+        .join(id)
+}
+
+/// PIDs of the shim processes serving container `id` (`... -id ID ...` on their command line).
+fn shim_pids_of(id: &str) -> Vec<u32> {
+    shim_children()
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2)
+                .any(|w| w[0] == b"-id" && w[1] == id.as_bytes())
+        })
+        .collect()
+}
+
+/// What is left of finished containers `ids`: shim processes, sockets under /run/squib, mounts
+/// not in `before_mounts`, their bundles, tasks and containers. Empty when nothing is.
+fn leftovers(c: &Containerd, before_mounts: &str, ids: &[&str]) -> Vec<String> {
+    let mut left = Vec::new();
+    let shims = shim_children();
+    if !shims.is_empty() {
+        left.push(format!("shim processes {shims:?}"));
+    }
+    let sockets = vsock_sockets();
+    if !sockets.is_empty() {
+        left.push(format!("sockets {sockets:?}"));
+    }
+    let after = mounts();
+    let new: Vec<_> = after
+        .lines()
+        .filter(|l| !before_mounts.lines().any(|b| b == *l))
+        .collect();
+    if !new.is_empty() {
+        left.push(format!("mounts {new:?}"));
+    }
+    for id in ids {
+        let bundle = bundle_dir(c, id);
+        if bundle.exists() {
+            left.push(format!("bundle {}", bundle.display()));
+        }
+    }
+    for what in ["task", "container"] {
+        let out = c.ctr(&[what, "ls", "-q"]);
+        let listed = String::from_utf8_lossy(&out.stdout);
+        let ours: Vec<_> = listed.lines().filter(|l| ids.contains(l)).collect();
+        if !out.status.success() || !ours.is_empty() {
+            left.push(format!("{what}s {ours:?} ({})", describe(&out)));
+        }
+    }
+    left
+}
+
+/// Waits up to a minute for nothing to be left of `ids` (see [`leftovers`]); if something is,
+/// SIGKILLs their remaining shims by PID (so no VM outlives the case) and fails naming it all.
+fn finish(c: &Containerd, before_mounts: &str, ids: &[&str]) -> CaseResult {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut left = leftovers(c, before_mounts, ids);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        left = leftovers(c, before_mounts, ids);
+    }
+    if left.is_empty() {
+        return Ok(());
+    }
+    for id in ids {
+        for pid in shim_pids_of(id) {
+            sigkill(pid);
+        }
+    }
+    Err(format!("left behind: {}", left.join("; ")))
+}
+
+fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// `ctr run --rm` of `image` with squib, bounded by `limit`.
+fn run_image(
+    c: &Containerd,
+    image: &str,
+    id: &str,
+    args: &[&str],
+    limit: Duration,
+) -> squib_tests::process::TimedOutput {
+    let config = c.config.display().to_string();
+    let mut all = vec![
+        "run",
+        "--runtime",
+        "io.containerd.squib.v2",
+        "--runtime-config-path",
+        &config,
+        "--rm",
+        image,
+        id,
+    ];
+    all.extend_from_slice(args);
+    output_with_timeout(&mut c.ctr_cmd(&all), limit).unwrap()
 }
 
 /// Runs `args` in the foreground, waits until it runs, then `ctr task kill`s it with
@@ -452,6 +543,249 @@ fn case_run_stdin(c: &Containerd) -> CaseResult {
     Ok(())
 }
 
+/// Ten `ctr run --rm` at once: ten shims booting ten VMs side by side.
+fn case_parallel_10(c: &Containerd) -> CaseResult {
+    // Ten boots share L1's two vCPUs: far slower than one.
+    const LIMIT: Duration = Duration::from_secs(600);
+    let before_mounts = mounts();
+    let ids: Vec<String> = (0..10).map(|i| format!("par{i}")).collect();
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|id| s.spawn(move || run_image(c, IMAGE, id, &["echo", id], LIMIT)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut failures = Vec::new();
+    for (id, out) in ids.iter().zip(&outs) {
+        if out.status.code() != Some(0) || out.stdout != format!("{id}\n").as_bytes() {
+            failures.push(format!("{id}: {}", describe(out)));
+            c.remove(id);
+        }
+    }
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let left = finish(c, &before_mounts, &ids);
+    check!(failures.is_empty(), "{}", failures.join("\n"));
+    left
+}
+
+/// The shim dies by SIGKILL under a running container: containerd's dead-shim path (`shim
+/// delete`) must clean up everything and report the task exited.
+fn case_shim_sigkill_cleanup(c: &Containerd) -> CaseResult {
+    let id = "sk";
+    let before_mounts = mounts();
+    c.run_detached(id)?;
+    let result = (|| {
+        let pids = shim_pids_of(id);
+        check!(pids.len() == 1, "shim processes of {id}: {pids:?}");
+        let address =
+            std::fs::read_to_string(bundle_dir(c, id).join("address")).unwrap_or_default();
+        let shim_socket = PathBuf::from(address.trim().trim_start_matches("unix://"));
+        check!(
+            shim_socket.exists(),
+            "no shim socket {} while running",
+            shim_socket.display()
+        );
+        let events = c
+            .ctr_cmd(&["events"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Let `ctr events` subscribe before anything happens.
+        std::thread::sleep(Duration::from_secs(5));
+        sigkill(pids[0]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut stopped = false;
+        while Instant::now() < deadline {
+            let ls = c.ctr(&["task", "ls"]);
+            let text = String::from_utf8_lossy(&ls.stdout);
+            if ls.status.success()
+                && !text
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{id} ")) && !l.contains("STOPPED"))
+            {
+                stopped = true;
+                eprintln!("after the shim's SIGKILL, ctr task ls: {text:?}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // The exit event comes with the cleanup; give it a moment to arrive.
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(events.id()).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let events = events.wait_with_output().unwrap();
+        let events = String::from_utf8_lossy(&events.stdout);
+        check!(stopped, "task {id} still listed as not stopped after 120 s");
+        check!(
+            events.lines().any(|l| l.contains("/tasks/exit")
+                && l.contains(&format!("\"container_id\":\"{id}\""))
+                && l.contains("\"exit_status\":137")),
+            "no /tasks/exit event with status 137 for {id}; events: {events:?}"
+        );
+        check!(
+            !shim_socket.exists(),
+            "shim socket {} left",
+            shim_socket.display()
+        );
+        let out = c.ctr(&["task", "delete", id]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        check!(
+            out.status.success() || err.contains("not found"),
+            "task delete: {}",
+            describe(&out)
+        );
+        eprintln!(
+            "after the shim's SIGKILL, ctr task delete: {}",
+            describe(&out)
+        );
+        let out = c.ctr(&["container", "delete", id]);
+        check!(out.status.success(), "container delete: {}", describe(&out));
+        Ok(())
+    })();
+    if result.is_err() {
+        c.remove(id);
+    }
+    let left = finish(c, &before_mounts, &[id]);
+    result.and(left)
+}
+
+/// containerd restarts under a running container: it reconnects to the shim, which goes on
+/// serving the task.
+fn case_containerd_restart(c: &Containerd) -> CaseResult {
+    let id = "rs";
+    let before_mounts = mounts();
+    c.run_detached(id)?;
+    let result = (|| {
+        let shims = shim_pids_of(id);
+        check!(shims.len() == 1, "shim processes of {id}: {shims:?}");
+        c.restart()?;
+        check!(
+            shim_pids_of(id) == shims,
+            "the shim did not survive containerd's restart: {:?} then {:?}",
+            shims,
+            shim_pids_of(id)
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut ls = c.ctr(&["task", "ls"]);
+        while !String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains("RUNNING"))
+        {
+            check!(
+                Instant::now() < deadline,
+                "task {id} not RUNNING after the restart: {}",
+                describe(&ls)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            ls = c.ctr(&["task", "ls"]);
+        }
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "after-restart",
+            id,
+            "sh",
+            "-c",
+            "echo still-here; exit 5",
+        ]);
+        check!(
+            out.status.code() == Some(5) && out.stdout == b"still-here\n",
+            "exec after the restart: {}",
+            describe(&out)
+        );
+        let out = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        check!(
+            out.status.success(),
+            "kill after the restart: {}",
+            describe(&out)
+        );
+        // The kill is asynchronous: delete succeeds once the init's exit is recorded.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut out = c.ctr(&["task", "delete", id]);
+        while !out.status.success() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            out = c.ctr(&["task", "delete", id]);
+        }
+        check!(
+            out.status.success(),
+            "task delete after the restart: {}",
+            describe(&out)
+        );
+        let out = c.ctr(&["container", "delete", id]);
+        check!(
+            out.status.success(),
+            "container delete after the restart: {}",
+            describe(&out)
+        );
+        Ok(())
+    })();
+    if result.is_err() {
+        c.remove(id);
+    }
+    let left = finish(c, &before_mounts, &[id]);
+    result.and(left)
+}
+
+/// A Debian minbase root (scripts/mk-minbase) as an OCI image through containerd and the shim.
+fn case_debian_minbase(c: &Containerd) -> CaseResult {
+    // 200 MB of files: importing and converting them is slow under emulation.
+    const LIMIT: Duration = Duration::from_secs(600);
+    const IMAGE_NAME: &str = "docker.io/library/squib-debian-minbase:latest";
+    let id = "deb";
+    let minbase = |args: &[&str]| {
+        let out = output_with_timeout(
+            Command::new(vm_env::repo_root().join("scripts/mk-minbase")).args(args),
+            LIMIT,
+        )
+        .unwrap();
+        check!(
+            out.status.success(),
+            "mk-minbase {args:?}: {}",
+            describe(&out)
+        );
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    };
+    let root = minbase(&[])?;
+    let t = Instant::now();
+    let tar = minbase(&["--oci"])?;
+    eprintln!("debian_minbase: image tarball ready in {:?}", t.elapsed());
+    // /etc/os-release is a relative link into usr/lib: it resolves inside the minbase.
+    let want = std::fs::read(root.join("etc/os-release")).unwrap();
+    let before_mounts = mounts();
+    let result = (|| {
+        let t = Instant::now();
+        let out = output_with_timeout(
+            &mut c.ctr_cmd(&["image", "import", tar.to_str().unwrap()]),
+            LIMIT,
+        )
+        .unwrap();
+        check!(out.status.success(), "import: {}", describe(&out));
+        eprintln!("debian_minbase: image imported in {:?}", t.elapsed());
+        let out = run_image(c, IMAGE_NAME, id, &["cat", "/etc/os-release"], LIMIT);
+        check!(
+            out.status.code() == Some(0)
+                && out.stdout == want
+                && String::from_utf8_lossy(&out.stdout).contains("ID=debian"),
+            "cat /etc/os-release: {}; want {:?}",
+            describe(&out),
+            String::from_utf8_lossy(&want)
+        );
+        Ok(())
+    })();
+    if result.is_err() {
+        c.remove(id);
+    }
+    let left = finish(c, &before_mounts, &[id]);
+    let _ = c.ctr(&["image", "rm", IMAGE_NAME]);
+    result.and(left)
+}
+
 #[test]
 fn test_shim_runs_containers_through_containerd() {
     vm_env::test_kernel().expect("SQUIB_TEST_KERNEL: run VM tests through tests/run-vm-tests");
@@ -465,6 +799,10 @@ fn test_shim_runs_containers_through_containerd() {
         ("large_output", case_large_output),
         ("terminal", case_terminal),
         ("run_stdin", case_run_stdin),
+        ("parallel_10", case_parallel_10),
+        ("shim_sigkill_cleanup", case_shim_sigkill_cleanup),
+        ("containerd_restart", case_containerd_restart),
+        ("debian_minbase", case_debian_minbase),
     ];
     run_cases(cases);
 }
