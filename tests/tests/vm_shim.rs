@@ -195,34 +195,22 @@ fn finish(c: &Containerd, before_mounts: &str, ids: &[&str]) -> CaseResult {
     Err(format!("left behind: {}", left.join("; ")))
 }
 
+/// Ends a case that ran containers `ids`: after a failure removes them whatever their state,
+/// then [`finish`]es; the case's own error comes first.
+fn settle(c: &Containerd, before_mounts: &str, ids: &[&str], result: CaseResult) -> CaseResult {
+    if result.is_err() {
+        for id in ids {
+            c.remove(id);
+        }
+    }
+    result.and(finish(c, before_mounts, ids))
+}
+
 fn sigkill(pid: u32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
         nix::sys::signal::Signal::SIGKILL,
     );
-}
-
-/// `ctr run --rm` of `image` with squib, bounded by `limit`.
-fn run_image(
-    c: &Containerd,
-    image: &str,
-    id: &str,
-    args: &[&str],
-    limit: Duration,
-) -> squib_tests::process::TimedOutput {
-    let config = c.config.display().to_string();
-    let mut all = vec![
-        "run",
-        "--runtime",
-        "io.containerd.squib.v2",
-        "--runtime-config-path",
-        &config,
-        "--rm",
-        image,
-        id,
-    ];
-    all.extend_from_slice(args);
-    output_with_timeout(&mut c.ctr_cmd(&all), limit).unwrap()
 }
 
 /// Runs `args` in the foreground, waits until it runs, then `ctr task kill`s it with
@@ -552,7 +540,7 @@ fn case_parallel_10(c: &Containerd) -> CaseResult {
     let outs: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = ids
             .iter()
-            .map(|id| s.spawn(move || run_image(c, IMAGE, id, &["echo", id], LIMIT)))
+            .map(|id| s.spawn(move || c.run_image(IMAGE, &[], id, &["echo", id], LIMIT)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -586,13 +574,7 @@ fn case_shim_sigkill_cleanup(c: &Containerd) -> CaseResult {
             "no shim socket {} while running",
             shim_socket.display()
         );
-        let events = c
-            .ctr_cmd(&["events"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let events = c.events();
         // Let `ctr events` subscribe before anything happens.
         std::thread::sleep(Duration::from_secs(5));
         sigkill(pids[0]);
@@ -647,11 +629,7 @@ fn case_shim_sigkill_cleanup(c: &Containerd) -> CaseResult {
         check!(out.status.success(), "container delete: {}", describe(&out));
         Ok(())
     })();
-    if result.is_err() {
-        c.remove(id);
-    }
-    let left = finish(c, &before_mounts, &[id]);
-    result.and(left)
+    settle(c, &before_mounts, &[id], result)
 }
 
 /// containerd restarts under a running container: it reconnects to the shim, which goes on
@@ -725,11 +703,7 @@ fn case_containerd_restart(c: &Containerd) -> CaseResult {
         );
         Ok(())
     })();
-    if result.is_err() {
-        c.remove(id);
-    }
-    let left = finish(c, &before_mounts, &[id]);
-    result.and(left)
+    settle(c, &before_mounts, &[id], result)
 }
 
 /// A Debian minbase root (scripts/mk-minbase) as an OCI image through containerd and the shim.
@@ -767,7 +741,7 @@ fn case_debian_minbase(c: &Containerd) -> CaseResult {
         .unwrap();
         check!(out.status.success(), "import: {}", describe(&out));
         eprintln!("debian_minbase: image imported in {:?}", t.elapsed());
-        let out = run_image(c, IMAGE_NAME, id, &["cat", "/etc/os-release"], LIMIT);
+        let out = c.run_image(IMAGE_NAME, &[], id, &["cat", "/etc/os-release"], LIMIT);
         check!(
             out.status.code() == Some(0)
                 && out.stdout == want
@@ -778,12 +752,9 @@ fn case_debian_minbase(c: &Containerd) -> CaseResult {
         );
         Ok(())
     })();
-    if result.is_err() {
-        c.remove(id);
-    }
-    let left = finish(c, &before_mounts, &[id]);
+    let result = settle(c, &before_mounts, &[id], result);
     let _ = c.ctr(&["image", "rm", IMAGE_NAME]);
-    result.and(left)
+    result
 }
 
 #[test]

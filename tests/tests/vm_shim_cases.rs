@@ -12,7 +12,7 @@
 
 mod shim_harness;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use shim_harness::{
@@ -125,13 +125,7 @@ fn case_c07b_live_resize(c: &Containerd) -> CaseResult {
 /// memory than that (room for the guest kernel and agent): 100 MiB succeeds, 300 MiB is
 /// OOM-killed (137), the shell itself goes on, and containerd gets a `/tasks/oom` event.
 fn case_c22a_memory_limit_enforced(c: &Containerd) -> CaseResult {
-    let mut events = c
-        .ctr_cmd(&["events"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut events = c.events();
     // Let the subscription settle before the container starts.
     std::thread::sleep(Duration::from_secs(2));
     let out = c.run(

@@ -12,7 +12,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use squib_tests::process::output_with_timeout;
@@ -172,12 +172,25 @@ impl Containerd {
         output_with_timeout(&mut self.ctr_cmd(args), CMD_TIMEOUT).unwrap()
     }
 
-    /// `ctr run` with squib (`--rm` unless detached); `flags` go before the image.
+    /// `ctr run` of the busybox image with squib (`--rm` unless detached); `flags` go before
+    /// the image.
     pub fn run(
         &self,
         flags: &[&str],
         id: &str,
         args: &[&str],
+    ) -> squib_tests::process::TimedOutput {
+        self.run_image(IMAGE, flags, id, args, CMD_TIMEOUT)
+    }
+
+    /// `ctr run` of `image` with squib (`--rm` unless detached), bounded by `limit`.
+    pub fn run_image(
+        &self,
+        image: &str,
+        flags: &[&str],
+        id: &str,
+        args: &[&str],
+        limit: Duration,
     ) -> squib_tests::process::TimedOutput {
         let config = self.config.display().to_string();
         let mut all = vec![
@@ -191,10 +204,20 @@ impl Containerd {
             all.push("--rm");
         }
         all.extend_from_slice(flags);
-        all.push(IMAGE);
+        all.push(image);
         all.push(id);
         all.extend_from_slice(args);
-        self.ctr(&all)
+        output_with_timeout(&mut self.ctr_cmd(&all), limit).unwrap()
+    }
+
+    /// A running `ctr events` subscription; its stdout is piped, one event a line.
+    pub fn events(&self) -> Child {
+        self.ctr_cmd(&["events"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     /// A detached container running `sleep 1000`.
