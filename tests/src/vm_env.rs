@@ -91,6 +91,22 @@ pub fn results_dir() -> Option<PathBuf> {
         .filter(|p| p.is_dir())
 }
 
+/// The agent initramfs that `make guest-image` builds: `SQUIB_AGENT_INITRAMFS` when set (the
+/// VM test runner sets it), else `guest/initramfs` in the squib cache (`SQUIB_CACHE`, by default
+/// `~/.cache/squib`). Not checked: a test that boots it reports a missing file.
+#[must_use]
+pub fn agent_initramfs() -> PathBuf {
+    if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("SQUIB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/squib")
+        });
+    cache.join("guest/initramfs")
+}
+
 /// The repository's root directory (where the Makefile is).
 #[must_use]
 pub fn repo_root() -> PathBuf {

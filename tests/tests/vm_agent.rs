@@ -34,18 +34,6 @@ mod tests {
     const CASE_TIMEOUT: Duration = Duration::from_secs(300);
     const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-    fn agent_initramfs() -> PathBuf {
-        if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
-            return PathBuf::from(p);
-        }
-        let cache = std::env::var_os("SQUIB_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/squib")
-            });
-        cache.join("guest/initramfs")
-    }
-
     fn repo_root() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
     }
@@ -87,7 +75,7 @@ mod tests {
 
     async fn boot_qemu(dir: &Path, rootfs_image: &Path) -> Guest {
         let kernel = vm_env::test_kernel().unwrap();
-        let initramfs = agent_initramfs();
+        let initramfs = vm_env::agent_initramfs();
         assert!(
             initramfs.is_file(),
             "no agent initramfs at {}: run `make guest-image`",
@@ -706,7 +694,7 @@ mod tests {
             .map(PathBuf::from)
             .expect("SQUIB_VMM_BIN is not set");
         let kernel = vm_env::test_kernel().unwrap();
-        let initramfs = agent_initramfs();
+        let initramfs = vm_env::agent_initramfs();
         assert!(
             initramfs.is_file(),
             "no agent initramfs at {}: run `make guest-image`",

@@ -27,18 +27,6 @@ mod tests {
             .unwrap_or_else(|| vm_env::repo_root().join("target/debug/squib"))
     }
 
-    fn agent_initramfs() -> PathBuf {
-        if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
-            return PathBuf::from(p);
-        }
-        let cache = std::env::var_os("SQUIB_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/squib")
-            });
-        cache.join("guest/initramfs")
-    }
-
     /// One test's world: a state root, an image cache and bundles under a scratch directory.
     struct World {
         dir: PathBuf,
@@ -67,7 +55,7 @@ mod tests {
                 .arg("--image-cache")
                 .arg(&self.cache)
                 .env("SQUIB_KERNEL", vm_env::test_kernel().unwrap())
-                .env("SQUIB_INITRAMFS", agent_initramfs());
+                .env("SQUIB_INITRAMFS", vm_env::agent_initramfs());
             c
         }
 

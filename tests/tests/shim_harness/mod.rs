@@ -23,18 +23,6 @@ pub const IMAGE: &str = "docker.io/library/busybox:latest";
 /// One `ctr` command inside the nested guest: boot included, this is generous.
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(240);
 
-pub fn agent_initramfs() -> PathBuf {
-    if let Some(p) = std::env::var_os("SQUIB_AGENT_INITRAMFS") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("SQUIB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/squib")
-        });
-    cache.join("guest/initramfs")
-}
-
 pub fn shim_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("SQUIB_SHIM_DIR") {
         return PathBuf::from(p);
@@ -79,7 +67,7 @@ impl Containerd {
             "no shim at {}: build it first",
             shim.display()
         );
-        let initramfs = agent_initramfs();
+        let initramfs = vm_env::agent_initramfs();
         assert!(
             initramfs.is_file(),
             "no agent initramfs at {}: run `make guest-image`",
