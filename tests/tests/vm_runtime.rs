@@ -848,9 +848,10 @@ mod tests {
             "{seen:?}"
         );
         assert!(seen.contains("exec:x\r\n"), "{seen:?}");
-        // The helper exits with the process: nobody holds that slave any more.
+        // The helper exits with the process: nobody holds that slave any more. The master
+        // reads EIO as the helper closes the slave, a moment before the helper has exited.
         read_master_until(&master2, "\u{0}never", SLOW);
-        assert_eq!(attach_helpers(&w), Vec::<i32>::new());
+        wait_no_attach_helpers(&w, "the helper outlived its process");
 
         // Closing the master hangs up the helper's terminal: it passes SIGHUP on to the
         // process, which dies of it, and the helper ends with it.
@@ -869,11 +870,7 @@ mod tests {
         let (master3, conn3) = receiver3.receive(Duration::from_secs(10));
         assert_eq!(attach_helpers(&w).len(), 1);
         drop((master3, conn3));
-        let deadline = Instant::now() + SLOW;
-        while !attach_helpers(&w).is_empty() {
-            assert!(Instant::now() < deadline, "the helper outlived its hangup");
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        wait_no_attach_helpers(&w, "the helper outlived its hangup");
 
         // A detached exec that outlives its container: its helper ends with the VM, and
         // delete would stop it otherwise.
@@ -908,6 +905,21 @@ mod tests {
         w.assert_gone("tty1");
         assert_eq!(attach_helpers(&w), Vec::<i32>::new());
         read_master_until(&master4, "\u{0}never", SLOW);
+    }
+
+    /// Waits until none of this world's detached-exec terminal helpers runs; fails with `what`
+    /// naming them after a minute (a helper has only its own exit left to do, or one signal to
+    /// pass on to the guest).
+    fn wait_no_attach_helpers(w: &World, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = attach_helpers(w);
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {left:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The pids of this world's detached-exec terminal helpers that still run.
