@@ -217,6 +217,14 @@ impl Sandbox {
         self.stops.recv().await
     }
 
+    /// Why the guest ended the VM on its own, if it did so within `wait`.
+    pub async fn stopped_within(&mut self, wait: Duration) -> Option<VmStopReason> {
+        tokio::time::timeout(wait, self.stops.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Asks the agent to shut the guest down, waits up to `grace` for the VM to stop, then
     /// stops it regardless and releases everything.
     pub async fn shutdown(mut self, grace: Duration) -> Option<VmStopReason> {
@@ -245,6 +253,28 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.release();
     }
+}
+
+/// The last `lines` lines of the guest console log at `path` (read from its last 64 KiB), for
+/// error reports: the log itself usually lives in a bundle that is removed with the container.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    const WINDOW: u64 = 64 * 1024;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(WINDOW)))
+        .is_err()
+        || file.take(WINDOW).read_to_end(&mut bytes).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Stops a half-booted VM when boot fails part way.
@@ -279,5 +309,22 @@ impl Drop for BootGuard {
         if self.event_loop.is_none() {
             let _ = std::fs::remove_file(&self.vsock_uds);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_console_tail_keeps_the_last_lines_of_a_large_log() {
+        let dir = std::env::temp_dir().join(format!("squib-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let text: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(console_tail(&path, 3), "line 19997\nline 19998\nline 19999");
+        assert_eq!(console_tail(&dir.join("missing"), 3), "");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -55,6 +55,18 @@ pub const SOCKET_DIR: &str = "/run/squib";
 pub const LOST_EXIT_STATUS: u32 = 255;
 /// How long `Delete` lets the guest power off before the VM is stopped regardless.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a failed create waits to learn whether the guest stopped under it.
+const STOP_REPORT_WAIT: Duration = Duration::from_millis(500);
+
+/// Logs the end of a guest's console: the log itself goes with the bundle.
+fn log_console_tail(container_id: &str, console: &Path) {
+    tracing::error!(
+        container_id,
+        console = %squib_runtime::sandbox::console_tail(console, 40),
+        "the end of the guest console"
+    );
+}
 /// Time allowed beyond the agent deadline for the VM's own set-up.
 const BOOT_SLACK: Duration = Duration::from_secs(15);
 
@@ -697,7 +709,11 @@ impl TaskService {
                     console.display()
                 ))
             })?
-            .map_err(|e| ShimError::internal("booting the microVM", &e))?;
+            .map_err(|e| {
+                log_console_tail(&req.id, &console);
+                ShimError::internal("booting the microVM", &e)
+            })?;
+        let mut sandbox = sandbox;
         let agent = sandbox.agent().clone();
 
         let init = Arc::new(Process::new(
@@ -728,6 +744,25 @@ impl TaskService {
         let (pid, pio, logger) = match created {
             Ok(v) => v,
             Err(e) => {
+                // A lost connection usually means the guest died under the request: say how.
+                let died = sandbox.stopped_within(STOP_REPORT_WAIT).await;
+                let e = match died {
+                    Some(reason) => {
+                        log_console_tail(&req.id, &console);
+                        ShimError::Internal(format!(
+                            "{e} (the microVM stopped: {reason:?}; the shim's log has the end of \
+                             its console)"
+                        ))
+                    }
+                    None => {
+                        // Not a refusal from the agent but a lost or silent guest: the console
+                        // may say why.
+                        if matches!(e, ShimError::Internal(_)) {
+                            log_console_tail(&req.id, &console);
+                        }
+                        e
+                    }
+                };
                 sandbox.shutdown(SHUTDOWN_GRACE).await;
                 let _ = std::fs::remove_file(bundle.join(CLEANUP_FILE));
                 return Err(e);

@@ -51,7 +51,7 @@ impl Drop for Containerd {
         if let Some(results) = vm_env::results_dir() {
             let _ = std::fs::copy(
                 self.dir.join("containerd.log"),
-                results.join("shim-containerd.log"),
+                results.join(format!("shim-containerd-{}.log", std::process::id())),
             );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
