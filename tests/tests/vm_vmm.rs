@@ -276,7 +276,9 @@ mod tests {
         let dir = scratch_dir(&format!("smp{vcpus}"));
         let initrd = initramfs_with_script(
             &dir,
-            "echo \"NPROC=$(nproc) CPUINFO=$(grep -c ^processor /proc/cpuinfo)\"",
+            "echo \"NPROC=$(nproc) CPUINFO=$(grep -c ^processor /proc/cpuinfo)\"; \
+             echo \"CLOCKEVENT=$(cat /sys/devices/system/clockevents/clockevent0/current_device)\"; \
+             dmesg | grep -i x2apic",
         );
         let mut vmm = Vmm::spawn(&dir);
         vmm.boot(vcpus, &initrd, BOOT_ARGS);
@@ -284,6 +286,16 @@ mod tests {
         let log = vmm.serial_log();
         let expected = format!("NPROC={vcpus} CPUINFO={vcpus}");
         assert!(log.contains(&expected), "expected {expected}:\n{log}");
+        // The TSC-deadline timer squib advertises drives the guest's ticks, and the guest's
+        // local APIC runs in x2APIC mode: both keep timer events and EOIs to plain MSR exits.
+        assert!(
+            log.contains("CLOCKEVENT=lapic-deadline"),
+            "the guest's clock event device is not the TSC-deadline local APIC timer:\n{log}"
+        );
+        assert!(
+            log.contains("x2apic enabled"),
+            "the guest did not switch its local APIC to x2APIC mode:\n{log}"
+        );
         assert!(log.contains(&format!("{TEST_EXIT_MARKER}0")), "{log}");
         assert!(vmm.wait_exit().success());
     }

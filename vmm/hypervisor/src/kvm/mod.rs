@@ -28,6 +28,9 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 /// The identity-map page KVM needs for real mode on Intel, right after the TSS.
 const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// CPUID leaf 1 ECX: the local APIC timer supports TSC-deadline mode.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+
 fn call_error(operation: &'static str, e: &kvm_ioctls::Error) -> HypervisorError {
     HypervisorError::Call {
         operation,
@@ -98,17 +101,28 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| call_error("get supported cpuid", &e))?;
+        let tsc_deadline = self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let supported_cpuid = cpuid
             .as_slice()
             .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                index_significant: e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
+            .map(|e| {
+                let mut entry = CpuidEntry {
+                    function: e.function,
+                    index: e.index,
+                    index_significant: e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
+                    eax: e.eax,
+                    ebx: e.ebx,
+                    ecx: e.ecx,
+                    edx: e.edx,
+                };
+                // KVM emulates the TSC-deadline timer but leaves it out of its supported
+                // CPUID for historical reasons; the capability says whether it is there.
+                // Without it a guest programs its local APIC timer through the xAPIC MMIO
+                // count register: one decoded and emulated instruction per timer event.
+                if tsc_deadline && entry.function == 1 {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
+                entry
             })
             .collect();
         Ok(Arc::new(KvmVm {
