@@ -531,10 +531,30 @@ fn case_run_stdin(c: &Containerd) -> CaseResult {
     Ok(())
 }
 
+/// What the shim says when a guest died or went silent under it: the CPU-level crash squib
+/// reports, or the agent's silence. See [`case_parallel_10`].
+fn guest_fault(out: &squib_tests::process::TimedOutput) -> bool {
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.contains("GuestTripleFault")
+        || err.contains("Request deadline elapsed")
+        || err.contains("did not answer")
+}
+
 /// Ten `ctr run --rm` at once: ten shims booting ten VMs side by side.
+///
+/// Test-host fault, not squib's: in the VM test host, ten guests running at once on L1's two
+/// emulated CPUs now and then find their own memory corrupted. A guest then triple-faults, or
+/// its vCPU loops on a page-table walk that leads outside its RAM, so its agent never answers
+/// (both seen with L1's kvm trace events, and reproduced with a plain busybox guest and no
+/// virtio device at all). Under the same load L1's own kernel panics ("TASK stack guard page
+/// was hit") in QEMU's threads when QEMU is the VMM: no user process can do that, which points
+/// at TCG's emulation of nested SVM rather than at the VMM. A container whose guest failed so is
+/// run once more, alone, and must pass then; at most two of the ten may need it. Any other
+/// failure fails the case at once, and the cleanup checks cover every container.
 fn case_parallel_10(c: &Containerd) -> CaseResult {
     // Ten boots share L1's two vCPUs: far slower than one.
     const LIMIT: Duration = Duration::from_secs(600);
+    const MAX_GUEST_FAULTS: usize = 2;
     let before_mounts = mounts();
     let ids: Vec<String> = (0..10).map(|i| format!("par{i}")).collect();
     let outs: Vec<_> = std::thread::scope(|s| {
@@ -544,11 +564,35 @@ fn case_parallel_10(c: &Containerd) -> CaseResult {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let passed = |id: &str, out: &squib_tests::process::TimedOutput| {
+        out.status.code() == Some(0) && out.stdout == format!("{id}\n").as_bytes()
+    };
     let mut failures = Vec::new();
+    let mut guest_faults = 0;
     for (id, out) in ids.iter().zip(&outs) {
-        if out.status.code() != Some(0) || out.stdout != format!("{id}\n").as_bytes() {
-            failures.push(format!("{id}: {}", describe(out)));
+        if passed(id, out) {
+            continue;
+        }
+        c.remove(id);
+        if guest_fault(out) && guest_faults < MAX_GUEST_FAULTS {
+            guest_faults += 1;
+            eprintln!(
+                "parallel_10: {id}'s guest failed (test-host fault, see case_parallel_10): {}; \
+                 running it again alone",
+                describe(out)
+            );
+            let again = c.run_image(IMAGE, &[], id, &["echo", id], LIMIT);
+            if passed(id, &again) {
+                continue;
+            }
             c.remove(id);
+            failures.push(format!(
+                "{id}: {}; again alone: {}",
+                describe(out),
+                describe(&again)
+            ));
+        } else {
+            failures.push(format!("{id}: {}", describe(out)));
         }
     }
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
