@@ -634,8 +634,53 @@ mod tests {
         image
     }
 
-    async fn finish(vmm: &str, mut guest: Guest, dir: &Path, with_100mib: bool) {
+    /// Whether the VMM of `guest` ended by itself because its guest crashed at the CPU level
+    /// (waiting a few seconds for it to exit): squib-vmm exits with status 3 on a guest triple
+    /// fault; QEMU (`-no-reboot`) exits on a triple fault or reset, which without a panic on
+    /// the console is the same crash. Says how, for the log.
+    async fn guest_crashed(vmm: &str, guest: &mut Guest) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            match guest.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => return None,
+            }
+        };
+        let console = std::fs::read_to_string(&guest.console).unwrap_or_default();
+        let crashed = if vmm == "squib-vmm" {
+            status.code() == Some(3)
+        } else {
+            !console.contains("Kernel panic")
+        };
+        crashed.then(|| format!("{vmm} exited by itself ({status}) with no panic on the console"))
+    }
+
+    /// Runs the cases against `guest`, shuts it down and reports. A guest that crashed at the
+    /// CPU level ([`guest_crashed`]) is reported as `Err` with the reason, so that the caller
+    /// can boot a fresh one; any other failure panics.
+    async fn finish(
+        vmm: &str,
+        mut guest: Guest,
+        dir: &Path,
+        with_100mib: bool,
+    ) -> Result<(), String> {
         let (mut report, mut failed) = run_cases(&guest.client, with_100mib).await;
+        if !failed.is_empty()
+            && let Some(how) = guest_crashed(vmm, &mut guest).await
+        {
+            let console = guest.console.clone();
+            drop(guest);
+            if let Some(results) = vm_env::results_dir() {
+                let _ = std::fs::copy(
+                    &console,
+                    results.join(format!("agent-{vmm}-crashed-console.log")),
+                );
+            }
+            return Err(format!("{how}; cases so far:\n{report}"));
+        }
         // Last: Shutdown ends the VM (the VMM process exits on the guest's reset).
         let started = Instant::now();
         let verdict = match guest.client.shutdown().await {
@@ -677,14 +722,37 @@ mod tests {
             console_tail(&console)
         );
         let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+
+    /// Boots a guest with `boot` and runs [`finish`] on it; a guest that crashed at the CPU
+    /// level gets one fresh boot.
+    ///
+    /// Test-host fault, not the VMM's: in the VM test host, TCG's nested SVM now and then
+    /// corrupts a guest's memory, and the guest triple-faults. Seen at the start of this test's
+    /// 100 MiB case with QEMU's guest and squib-vmm's guest in the same L1 boot, and reproduced
+    /// with plain busybox guests (README, "Known faults of the VM test host").
+    async fn run_guest<F, Fut>(vmm: &str, dir: &Path, with_100mib: bool, boot: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Guest>,
+    {
+        let first = finish(vmm, boot().await, dir, with_100mib).await;
+        if let Err(crash) = first {
+            eprintln!(
+                "agent VM ({vmm}): the guest crashed (test-host fault): {crash}; booting a fresh one"
+            );
+            if let Err(again) = finish(vmm, boot().await, dir, with_100mib).await {
+                panic!("the {vmm} guest crashed twice:\nfirst: {crash}\nthen: {again}");
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn test_agent_runs_containers_in_a_qemu_microvm_guest() {
         let dir = scratch_dir("qemu");
         let image = rootfs_image(&dir);
-        let guest = boot_qemu(&dir, &image).await;
-        finish("qemu-microvm", guest, &dir, true).await;
+        run_guest("qemu-microvm", &dir, true, || boot_qemu(&dir, &image)).await;
     }
 
     /// squib-vmm from SQUIB_VMM_BIN (the runner sets it) with the rootfs as a read-only drive
@@ -755,20 +823,19 @@ mod tests {
     async fn test_agent_runs_containers_in_a_squib_vmm_guest() {
         let dir = scratch_dir("squib-vmm");
         let image = rootfs_image(&dir);
-        let guest = boot_squib_vmm(&dir, &image).await;
-        // Known bug, so stdout_100mib is left out of this guest until it is fixed: in the VM
-        // test host, as soon as that case starts, one vCPU of this 2-vCPU guest stops for good
-        // (the guest logs RCU stalls, and the NMI it sends that vCPU is never answered), the
-        // test receives nothing, and squib-vmm keeps both of L1's CPUs busy. Seen in both L1
-        // boots of a CI run on 2026-12-04; the cause is not known yet. Streaming is still
-        // covered: 100 MiB through squib's vsock with a 1-vCPU guest passes in vm_shim's
-        // large_output, and QEMU's guest runs this case in the test above.
-        finish(
-            "squib-vmm",
-            guest,
-            &dir,
-            std::env::var_os("SQUIB_AGENT_VMM_100MIB").is_some(),
-        )
+        // stdout_100mib is left out of this guest unless SQUIB_AGENT_VMM_100MIB is set. In the
+        // VM test host it once made one vCPU of this 2-vCPU guest stop for good (RCU stalls, an
+        // NMI never answered, squib-vmm burning L1's CPUs) in both L1 boots of a CI run, and
+        // once triple-faulted the guest at the start of the case, in the same L1 boot in which
+        // QEMU's guest died there too. Both are the test host's memory corruption (README,
+        // "Known faults of the VM test host": a vCPU looping on a page-table walk outside RAM
+        // is the stopped vCPU), but a stopped vCPU holds the case for its full 15 minutes.
+        // Streaming is still covered: 100 MiB through squib's vsock with a 1-vCPU guest passes
+        // in vm_shim's large_output, and QEMU's guest runs this case in the test above.
+        let with_100mib = std::env::var_os("SQUIB_AGENT_VMM_100MIB").is_some();
+        run_guest("squib-vmm", &dir, with_100mib, || {
+            boot_squib_vmm(&dir, &image)
+        })
         .await;
     }
 }
