@@ -55,7 +55,8 @@ pub const SOCKET_DIR: &str = "/run/squib";
 pub const LOST_EXIT_STATUS: u32 = 255;
 /// How long `Delete` lets the guest power off before the VM is stopped regardless.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
+/// Time allowed beyond the agent deadline for the VM's own set-up.
+const BOOT_SLACK: Duration = Duration::from_secs(15);
 /// How long a failed create waits to learn whether the guest stopped under it.
 const STOP_REPORT_WAIT: Duration = Duration::from_millis(500);
 
@@ -67,8 +68,6 @@ fn log_console_tail(container_id: &str, console: &Path) {
         "the end of the guest console"
     );
 }
-/// Time allowed beyond the agent deadline for the VM's own set-up.
-const BOOT_SLACK: Duration = Duration::from_secs(15);
 
 /// A task request that failed, carrying the ttrpc code containerd maps to its error kinds.
 #[derive(Debug, thiserror::Error)]
@@ -700,9 +699,10 @@ impl TaskService {
         });
         // A bound on the whole boot, in case a stopped guest leaves a vsock handshake hanging;
         // dropping the boot future stops the VM.
-        let sandbox = tokio::time::timeout(config.agent_timeout + BOOT_SLACK, boot)
+        let mut sandbox = tokio::time::timeout(config.agent_timeout + BOOT_SLACK, boot)
             .await
             .map_err(|_| {
+                log_console_tail(&req.id, &console);
                 ShimError::Internal(format!(
                     "booting the microVM: the guest agent did not answer within {} s; console log: {}",
                     config.agent_timeout.as_secs(),
@@ -713,7 +713,6 @@ impl TaskService {
                 log_console_tail(&req.id, &console);
                 ShimError::internal("booting the microVM", &e)
             })?;
-        let mut sandbox = sandbox;
         let agent = sandbox.agent().clone();
 
         let init = Arc::new(Process::new(
