@@ -34,10 +34,6 @@ mod tests {
     const CASE_TIMEOUT: Duration = Duration::from_secs(300);
     const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-    fn repo_root() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-    }
-
     fn scratch_dir(name: &str) -> PathBuf {
         let base = vm_env::results_dir().unwrap_or_else(std::env::temp_dir);
         let dir = base.join(format!("agent-{name}-{}", std::process::id()));
@@ -625,7 +621,7 @@ mod tests {
 
     fn rootfs_image(dir: &Path) -> PathBuf {
         let image = dir.join("rootfs.ext4");
-        let st = Command::new(repo_root().join("guest-image/mktest-rootfs"))
+        let st = Command::new(vm_env::repo_root().join("guest-image/mktest-rootfs"))
             .arg(dir.join("rootfs"))
             .arg(&image)
             .status()

@@ -221,20 +221,8 @@ fn run_and_kill(
     args: &[&str],
     kill_args: &[&str],
 ) -> Result<(Option<i32>, String, String), String> {
-    let config = c.config.display().to_string();
-    let mut all = vec![
-        "run",
-        "--runtime",
-        "io.containerd.squib.v2",
-        "--runtime-config-path",
-        &config,
-        "--rm",
-        IMAGE,
-        id,
-    ];
-    all.extend_from_slice(args);
     let child: Child = c
-        .ctr_cmd(&all)
+        .run_command(IMAGE, &[], id, args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -180,6 +180,11 @@ impl Containerd {
         args: &[&str],
         limit: Duration,
     ) -> squib_tests::process::TimedOutput {
+        output_with_timeout(&mut self.run_command(image, flags, id, args), limit).unwrap()
+    }
+
+    /// The `ctr run` command of [`Containerd::run_image`], not started yet.
+    pub fn run_command(&self, image: &str, flags: &[&str], id: &str, args: &[&str]) -> Command {
         let config = self.config.display().to_string();
         let mut all = vec![
             "run",
@@ -195,7 +200,7 @@ impl Containerd {
         all.push(image);
         all.push(id);
         all.extend_from_slice(args);
-        output_with_timeout(&mut self.ctr_cmd(&all), limit).unwrap()
+        self.ctr_cmd(&all)
     }
 
     /// A running `ctr events` subscription; its stdout is piped, one event a line.
