@@ -302,8 +302,25 @@ macro_rules! check {
     };
 }
 
+/// The part of containerd's log (which carries the shims' logs) written since byte `from`.
+fn containerd_log_since(c: &Containerd, from: u64) -> String {
+    let log = std::fs::read(c.dir.join("containerd.log")).unwrap_or_default();
+    let from = usize::try_from(from).unwrap_or(usize::MAX).min(log.len());
+    String::from_utf8_lossy(log.get(from..).unwrap_or_default()).into_owned()
+}
+
+fn containerd_log_len(c: &Containerd) -> u64 {
+    std::fs::metadata(c.dir.join("containerd.log")).map_or(0, |m| m.len())
+}
+
 /// Starts a private containerd and runs `cases` one after another (only those named in
 /// SQUIB_SHIM_CASES, comma-separated, when it is set); panics listing every failed case.
+///
+/// A case that failed while one of its guests triple-faulted (a shim logged the stop) runs once
+/// more. Test-host fault, not squib's: in the VM test host, TCG's nested SVM now and then
+/// corrupts a guest's memory under load, and the guest triple-faults (README, "Known faults of
+/// the VM test host"); it hit vm_shim's 100 MiB case 20 s into the stream in a CI run. No case
+/// makes a guest triple-fault on purpose, and a case that fails again fails the test.
 pub fn run_cases(cases: &[Case]) {
     let started = Instant::now();
     let c = Containerd::start();
@@ -318,7 +335,19 @@ pub fn run_cases(cases: &[Case]) {
             continue;
         }
         let t = Instant::now();
-        match case(&c) {
+        let log_start = containerd_log_len(&c);
+        let mut result = case(&c);
+        if let Err(e) = &result
+            && containerd_log_since(&c, log_start).contains("reason=GuestTripleFault")
+        {
+            eprintln!(
+                "case {name}: failed while a guest triple-faulted (test-host fault, see \
+                 run_cases) after {:?}: {e}; running it again",
+                t.elapsed()
+            );
+            result = case(&c);
+        }
+        match result {
             Ok(()) => eprintln!("case {name}: ok ({:?})", t.elapsed()),
             Err(e) => {
                 eprintln!("case {name}: FAILED ({:?}): {e}", t.elapsed());
