@@ -163,6 +163,50 @@ fn test_vmhost_kills_l1_at_timeout_and_says_so() {
 }
 
 #[test]
+fn test_vmhost_kills_l1_whose_heartbeat_stops_and_keeps_one_that_beats() {
+    let dir = scratch("heartbeat").unwrap();
+    let results = dir.join("results");
+    let beat = results.join("beat");
+    // Six beats 5 s apart outlive the 15 s limit; then the beats stop, as in a stalled L1.
+    let script = "for i in 1 2 3 4 5 6; do date > \"$SQUIB_VMHOST_RESULTS/beat\"; sleep 5; done; \
+                  echo beats-done; sleep 600";
+    let out = vmhost(
+        &dir,
+        &[
+            "--timeout",
+            "400",
+            "--results",
+            results.to_str().unwrap(),
+            "--heartbeat",
+            beat.to_str().unwrap(),
+            "--heartbeat-timeout",
+            "15",
+        ],
+        &[OsStr::new("sh"), OsStr::new("-c"), OsStr::new(script)],
+    )
+    .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_TIMEOUT), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("beats-done"),
+        "killed while still beating: {}",
+        describe(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("L1 stalled") && stderr.contains("not written for 15 s"),
+        "{}",
+        describe(&out)
+    );
+    if let Some(log) = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmhost: L1 console log: "))
+    {
+        let _ = fs::remove_dir_all(Path::new(log).parent().unwrap());
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn test_vmhost_rejects_missing_command_without_booting() {
     let dir = scratch("usage").unwrap();
     let mut c = Command::new(repo_root().join("tests/vmhost/run"));
