@@ -742,7 +742,7 @@ fn case_containerd_restart(c: &Containerd) -> CaseResult {
 fn case_debian_minbase(c: &Containerd) -> CaseResult {
     // 200 MB of files: importing and converting them is slow under emulation.
     const LIMIT: Duration = Duration::from_secs(600);
-    const IMAGE_NAME: &str = "docker.io/library/squib-debian-minbase:latest";
+    const IMAGE_NAME: &str = "squib/squib-debian-minbase:latest";
     let id = "deb";
     let minbase = |args: &[&str]| {
         let out = output_with_timeout(

@@ -206,7 +206,7 @@ fn case_c22bc_tiny_memory_limits(c: &Containerd) -> CaseResult {
 }
 
 /// Builds c23's image: busybox's layer plus layers A and B exactly as the case writes them,
-/// as an OCI layout tar named docker.io/library/squib-edge:1.
+/// as an OCI layout tar named squib/squib-edge:1.
 const C23_IMAGE_PY: &str = r#"
 import gzip, hashlib, io, json, os, subprocess, sys, tarfile, tempfile
 mk_oci_image, out = sys.argv[1], sys.argv[2]
@@ -284,7 +284,7 @@ with tempfile.TemporaryDirectory() as work:
     index = {'schemaVersion': 2, 'manifests': [{
         'mediaType': 'application/vnd.oci.image.manifest.v1+json',
         'digest': man_digest, 'size': man_size,
-        'annotations': {'io.containerd.image.name': 'docker.io/library/squib-edge:1',
+        'annotations': {'io.containerd.image.name': 'squib/squib-edge:1',
                         'org.opencontainers.image.ref.name': '1'}}]}
     with open(os.path.join(layout, 'index.json'), 'w') as f:
         json.dump(index, f, sort_keys=True)
@@ -336,7 +336,7 @@ find / -xdev -name ".wh.*" | wc -l"#;
         "--runtime-config-path",
         &config,
         "--rm",
-        "docker.io/library/squib-edge:1",
+        "squib/squib-edge:1",
         "c23",
         "sh",
         "-c",

@@ -19,7 +19,7 @@ use squib_tests::process::output_with_timeout;
 use squib_tests::vm_env;
 
 pub const NS: &str = "squib-test";
-pub const IMAGE: &str = "docker.io/library/busybox:latest";
+pub const IMAGE: &str = "squib/busybox:latest";
 /// One `ctr` command inside the nested guest: boot included, this is generous.
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(240);
 
