@@ -568,18 +568,29 @@ mod tests {
         Ok(())
     }
 
-    /// Runs every case against one guest (stdout_100mib only `with_100mib`); returns the report
-    /// and the names of failed cases.
-    async fn run_cases(c: &AgentClient, with_100mib: bool) -> (String, Vec<&'static str>) {
+    /// What [`run_cases`] found: the report, the names of failed cases, and whether any of
+    /// them failed by running out of time.
+    struct CaseRun {
+        report: String,
+        failed: Vec<&'static str>,
+        timed_out: bool,
+    }
+
+    /// Runs every case against one guest (stdout_100mib only `with_100mib`).
+    async fn run_cases(c: &AgentClient, with_100mib: bool) -> CaseRun {
         let mut report = String::new();
         let mut failed = Vec::new();
+        let mut timed_out = false;
         macro_rules! case {
             ($name:literal, $f:expr) => {{ case!($name, $f, CASE_TIMEOUT) }};
             ($name:literal, $f:expr, $limit:expr) => {{
                 let started = Instant::now();
                 let r = match tokio::time::timeout($limit, $f).await {
                     Ok(r) => r,
-                    Err(_) => Err(format!("timed out after {:?}", $limit)),
+                    Err(_) => {
+                        timed_out = true;
+                        Err(format!("timed out after {:?}", $limit))
+                    }
                 };
                 let verdict = match &r {
                     Ok(()) => "ok".to_owned(),
@@ -606,17 +617,22 @@ mod tests {
         case!("zombies_reaped", case_zombies(c));
         case!("missing_binary", case_missing_binary(c));
         if with_100mib {
-            // Two runs of the generator in the guest plus 100 MiB through vsock: minutes when
-            // nested.
+            // Two runs of the generator in the guest plus 100 MiB through vsock: about 50 s
+            // through QEMU's vhost-vsock in the VM test host. Six times that means the guest
+            // hung (below).
             case!(
                 "stdout_100mib",
                 case_100mib_stdout(c),
-                Duration::from_secs(900)
+                Duration::from_secs(300)
             );
         } else {
             let _ = writeln!(report, "{:<20} {:>10} left out", "stdout_100mib", "-");
         }
-        (report, failed)
+        CaseRun {
+            report,
+            failed,
+            timed_out,
+        }
     }
 
     fn rootfs_image(dir: &Path) -> PathBuf {
@@ -655,18 +671,31 @@ mod tests {
     }
 
     /// Runs the cases against `guest`, shuts it down and reports. A guest that crashed at the
-    /// CPU level ([`guest_crashed`]) is reported as `Err` with the reason, so that the caller
-    /// can boot a fresh one; any other failure panics.
+    /// CPU level ([`guest_crashed`]) or stopped answering (a case ran out of time) is reported
+    /// as `Err` with the reason, so that the caller can boot a fresh one; any other failure
+    /// panics.
     async fn finish(
         vmm: &str,
         mut guest: Guest,
         dir: &Path,
         with_100mib: bool,
     ) -> Result<(), String> {
-        let (mut report, mut failed) = run_cases(&guest.client, with_100mib).await;
-        if !failed.is_empty()
-            && let Some(how) = guest_crashed(vmm, &mut guest).await
-        {
+        let CaseRun {
+            mut report,
+            mut failed,
+            timed_out,
+        } = run_cases(&guest.client, with_100mib).await;
+        let broken = if failed.is_empty() {
+            None
+        } else if let Some(how) = guest_crashed(vmm, &mut guest).await {
+            Some(how)
+        } else {
+            // The test host's other fault: a vCPU that loops on a page-table walk forever
+            // (README, "Known faults of the VM test host"). The guest answers nothing more, so
+            // Shutdown would only wait out its own timeout too.
+            timed_out.then(|| format!("a case ran out of time while {vmm} still ran"))
+        };
+        if let Some(how) = broken {
             let console = guest.console.clone();
             drop(guest);
             if let Some(results) = vm_env::results_dir() {
@@ -722,7 +751,7 @@ mod tests {
     }
 
     /// Boots a guest with `boot` and runs [`finish`] on it; a guest that crashed at the CPU
-    /// level gets one fresh boot.
+    /// level or hung gets one fresh boot.
     ///
     /// Test-host fault, not the VMM's: in the VM test host, TCG's nested SVM now and then
     /// corrupts a guest's memory, and the guest triple-faults. Seen at the start of this test's
@@ -736,10 +765,10 @@ mod tests {
         let first = finish(vmm, boot().await, dir, with_100mib).await;
         if let Err(crash) = first {
             eprintln!(
-                "agent VM ({vmm}): the guest crashed (test-host fault): {crash}; booting a fresh one"
+                "agent VM ({vmm}): the guest crashed or hung (test-host fault?): {crash}; booting a fresh one"
             );
             if let Err(again) = finish(vmm, boot().await, dir, with_100mib).await {
-                panic!("the {vmm} guest crashed twice:\nfirst: {crash}\nthen: {again}");
+                panic!("the {vmm} guest crashed or hung twice:\nfirst: {crash}\nthen: {again}");
             }
         }
     }
