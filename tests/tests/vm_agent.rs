@@ -670,10 +670,23 @@ mod tests {
         crashed.then(|| format!("{vmm} exited by itself ({status}) with no panic on the console"))
     }
 
+    /// Whether the VMM of `guest` still runs but its agent no longer answers a ping (within
+    /// 30 s). A VMM that has exited is not this case: an agent that died as PID 1 panics the
+    /// guest, and the VMM ends with the guest.
+    async fn agent_gone(guest: &mut Guest) -> bool {
+        if !matches!(guest.child.try_wait(), Ok(None)) {
+            return false;
+        }
+        !matches!(
+            tokio::time::timeout(Duration::from_secs(30), guest.client.ping()).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Runs the cases against `guest`, shuts it down and reports. A guest that crashed at the
-    /// CPU level ([`guest_crashed`]) or stopped answering (a case ran out of time) is reported
-    /// as `Err` with the reason, so that the caller can boot a fresh one; any other failure
-    /// panics.
+    /// CPU level ([`guest_crashed`]) or stopped answering (a case ran out of time, or
+    /// [`agent_gone`]) is reported as `Err` with the reason, so that the caller can boot a
+    /// fresh one; any other failure panics.
     async fn finish(
         vmm: &str,
         mut guest: Guest,
@@ -689,11 +702,17 @@ mod tests {
             None
         } else if let Some(how) = guest_crashed(vmm, &mut guest).await {
             Some(how)
-        } else {
+        } else if timed_out {
             // The test host's other fault: a vCPU that loops on a page-table walk forever
             // (README, "Known faults of the VM test host"). The guest answers nothing more, so
             // Shutdown would only wait out its own timeout too.
-            timed_out.then(|| format!("a case ran out of time while {vmm} still ran"))
+            Some(format!("a case ran out of time while {vmm} still ran"))
+        } else if agent_gone(&mut guest).await {
+            // The same fault without a case that waited: the guest's kernel stopped, so its
+            // vsock refuses or drops connections at once, while the VMM runs on.
+            Some(format!("the agent stopped answering while {vmm} still ran"))
+        } else {
+            None
         };
         if let Some(how) = broken {
             let console = guest.console.clone();
