@@ -7,7 +7,10 @@
 //! `tests/run-vm-tests` makes that choice; see `tests/README.md`.
 #![warn(missing_docs)]
 
+// The probe's guest is a real-mode x86 program: x86_64 hosts only.
+#[cfg(target_arch = "x86_64")]
 pub mod guest;
+#[cfg(target_arch = "x86_64")]
 pub mod probe;
 pub mod process;
 pub mod vm_env;

@@ -1,5 +1,6 @@
 //! VM test: the smallest possible KVM guest runs on this machine's `/dev/kvm` (directly, or
 //! inside the VM test host) and its port writes and `hlt` come back as exits.
+#![cfg(target_arch = "x86_64")]
 
 use squib_tests::guest::{GuestExit, RealModeGuest};
 

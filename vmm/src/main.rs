@@ -18,7 +18,7 @@ use squib_api::config_file::actions_from_config_file;
 use squib_api::{ControllerOptions, RuntimeApiController};
 use squib_core::action::ApiAction;
 use squib_core::config::SerialConfig;
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 use squib_core::event_loop::NoHypervisorBackend;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -167,12 +167,12 @@ async fn serve(args: Args) -> anyhow::Result<u8> {
     // The guest console goes to stdout unless --serial-out or PUT /serial names a file. When
     // the guest ends the microVM (reboot, power-off, panic), its reason arrives on `vm_stops`
     // and the process exits with the reason's status.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     let (backend, mut vm_stops) =
         squib_core::vm::HypervisorBackend::new(squib_core::builder::ConsoleTarget::Stdout);
-    // Known limitation: no hypervisor backend is linked in on this architecture yet, so
-    // InstanceStart answers with a "no hypervisor backend" error.
-    #[cfg(not(target_arch = "x86_64"))]
+    // squib builds guests for x86_64 and aarch64 only: elsewhere InstanceStart answers with a
+    // "no hypervisor backend" error.
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let (backend, mut vm_stops) = {
         let (_tx, rx) = tokio::sync::mpsc::unbounded_channel::<squib_core::vcpu::VmStopReason>();
         (NoHypervisorBackend, rx)

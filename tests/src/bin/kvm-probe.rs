@@ -5,13 +5,27 @@
 //! Usage: `kvm-probe [ITERATIONS [DEADLINE_MS]]` (defaults: 100000000 iterations, 1000 ms;
 //! hardware KVM needs well under 100 ms for the default loop).
 
+#[cfg(target_arch = "x86_64")]
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+#[cfg(target_arch = "x86_64")]
+use anyhow::Context;
+use anyhow::Result;
 
+#[cfg(target_arch = "x86_64")]
 const DEFAULT_ITERATIONS: u32 = 100_000_000;
+#[cfg(target_arch = "x86_64")]
 const DEFAULT_DEADLINE_MS: u64 = 1000;
 
+#[cfg(not(target_arch = "x86_64"))]
+fn main() -> Result<()> {
+    anyhow::bail!(
+        "kvm-probe: the probe guest is x86 code; on this architecture tests/run-vm-tests \
+         decides with --direct or --vmhost"
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let iterations = match args.next() {

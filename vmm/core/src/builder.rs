@@ -1,16 +1,19 @@
 //! Builds a running microVM from a validated [`VmConfig`]: guest memory, the hypervisor VM, the
 //! platform devices, the virtio-mmio devices, the kernel and its boot structures, and one
-//! thread per vCPU.
+//! thread per vCPU. [`build`] is per architecture (`builder/x86_64.rs`, `builder/aarch64.rs`);
+//! everything else here is shared.
 //!
 //! # Attaching virtio-mmio devices
 //!
 //! Every virtio device goes through [`MmioDevices::attach`], the one place that hands out
-//! resources: the next 4 KiB window from `0xd000_0000` (x86_64), the next IOAPIC pin from 5,
-//! an [`InterruptLine`](squib_devices::InterruptLine) for it, the registration on the MMIO bus
-//! and the `virtio_mmio.device=4K@0x…:IRQ` entry on the kernel command line. To add a device
-//! kind, construct it in [`attach_configured_devices`] from its part of the [`VmConfig`] and
-//! call `attach`. Devices are attached in configuration order, root drive first, so the root
-//! drive is `/dev/vda`.
+//! resources: the next virtio-mmio window and interrupt of the architecture's memory map
+//! (x86_64: 4 KiB windows from `0xd000_0000` and IOAPIC pins from 5, announced to the guest as
+//! `virtio_mmio.device=4K@0x…:IRQ` entries on the kernel command line; aarch64: the device
+//! tree's virtio slots from `0x0a00_0000` and SPIs from 16), an
+//! [`InterruptLine`](squib_devices::InterruptLine) for it and the registration on the MMIO bus.
+//! To add a device kind, construct it in [`attach_configured_devices`] from its part of the
+//! [`VmConfig`] and call `attach`. Devices are attached in configuration order, root drive
+//! first, so the root drive is `/dev/vda`.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -18,25 +21,38 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use squib_devices::serial::{ConsoleSink, ConsoleWatch, SerialDevice};
 use squib_devices::virtio::{Block, MmioTransport, Rng, VirtioDevice};
 use squib_devices::{Bus, BusError};
-use squib_hypervisor::{Hypervisor, HypervisorError, Vm};
+use squib_hypervisor::{HypervisorError, Vm};
 use tracing::info;
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::x86_64::{self as arch, BootImages, layout};
+#[cfg(target_arch = "aarch64")]
+use crate::arch::aarch64 as arch;
+#[cfg(target_arch = "x86_64")]
+use crate::arch::x86_64 as arch;
 use crate::config::VmConfig;
-use crate::memory::{self, MemoryError};
-use crate::vcpu::{
-    self, StopCallback, StopNotifier, VcpuContext, VcpuControl, VcpuError, VmStopReason,
-};
-use crate::vm::MicroVm;
+use crate::memory::MemoryError;
+use crate::vcpu::VcpuError;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::build;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::build;
 
 /// The kernel command line used when the boot source gives none: the serial console, reboot
 /// through the keyboard controller, reboot one second after a panic (which squib reports as a
 /// panic, see `squib_devices::serial`).
+#[cfg(target_arch = "x86_64")]
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
+/// The kernel command line used when the boot source gives none: the PL011 console, reboot
+/// one second after a panic (which squib reports as a panic, see `squib_devices::serial`).
+#[cfg(target_arch = "aarch64")]
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyAMA0 panic=1";
 
 /// A failure to build the microVM. Nothing it created survives the error.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +86,18 @@ pub enum BuildError {
     /// A vCPU could not be started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The kernel or initrd file could not be read (aarch64 reads them whole before planning
+    /// where they go).
+    #[error("cannot read the {what} {path}")]
+    BootFile {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path from the boot source.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The serial output file could not be opened.
     #[error("cannot open serial output {path}")]
     SerialOutput {
@@ -133,21 +161,62 @@ fn render_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Hands out virtio-mmio windows and interrupt lines, and records the command-line entries.
+/// A virtio-mmio device [`MmioDevices::attach`] placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachedDevice {
+    /// The device kind ("block", "vsock", "rng").
+    pub name: &'static str,
+    /// Base of its register window.
+    pub base: u64,
+    /// Size of the window.
+    pub size: u64,
+    /// Its interrupt: an IOAPIC pin (x86_64) or an SPI number (aarch64).
+    pub irq: u32,
+}
+
+/// The virtio-mmio window and interrupt of the `index`th device, `None` past the last one.
+#[cfg(target_arch = "x86_64")]
+fn virtio_window(index: usize) -> Option<(u64, u64, u32)> {
+    use arch::layout;
+    let irq = layout::VIRTIO_IRQ_START.checked_add(u32::try_from(index).ok()?)?;
+    let offset = u64::try_from(index).ok()? * layout::VIRTIO_MMIO_SIZE;
+    (irq <= layout::IRQ_MAX).then_some((
+        layout::VIRTIO_MMIO_START + offset,
+        layout::VIRTIO_MMIO_SIZE,
+        irq,
+    ))
+}
+
+/// The interrupts virtio devices may use, first and last, for [`BuildError::OutOfIrqs`].
+#[cfg(target_arch = "x86_64")]
+const VIRTIO_IRQS: (u32, u32) = (arch::layout::VIRTIO_IRQ_START, arch::layout::IRQ_MAX);
+
+/// The virtio-mmio window and interrupt of the `index`th device, `None` past the last one.
+#[cfg(target_arch = "aarch64")]
+fn virtio_window(index: usize) -> Option<(u64, u64, u32)> {
+    let slot = arch::layout::virtio_slot(u32::try_from(index).ok()?).ok()?;
+    Some((slot.base, slot.size, slot.spi))
+}
+
+/// The interrupts virtio devices may use, first and last, for [`BuildError::OutOfIrqs`].
+#[cfg(target_arch = "aarch64")]
+const VIRTIO_IRQS: (u32, u32) = (
+    arch::layout::VIRTIO_MMIO_FIRST_SPI,
+    arch::layout::VIRTIO_MMIO_FIRST_SPI + arch::layout::VIRTIO_MMIO_COUNT - 1,
+);
+
+/// Hands out virtio-mmio windows and interrupt lines and records what went where.
 pub struct MmioDevices<'a> {
     vm: &'a dyn Vm,
     memory: &'a GuestMemoryMmap,
     bus: &'a mut Bus,
-    next_base: u64,
-    next_irq: u32,
-    cmdline_entries: Vec<String>,
+    attached: Vec<AttachedDevice>,
 }
 
 impl std::fmt::Debug for MmioDevices<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MmioDevices")
-            .field("next_base", &self.next_base)
-            .field("next_irq", &self.next_irq)
+            .field("attached", &self.attached)
             .finish_non_exhaustive()
     }
 }
@@ -158,30 +227,27 @@ impl<'a> MmioDevices<'a> {
             vm,
             memory,
             bus,
-            next_base: layout::VIRTIO_MMIO_START,
-            next_irq: layout::VIRTIO_IRQ_START,
-            cmdline_entries: Vec::new(),
+            attached: Vec::new(),
         }
     }
 
-    /// Puts `device` behind a virtio-mmio transport at the next free window and pin.
-    /// Returns the window's base address and the pin.
+    /// Puts `device` behind a virtio-mmio transport at the next free window and interrupt.
+    /// Returns the window's base address and the interrupt.
     ///
     /// # Errors
     ///
-    /// [`BuildError::OutOfIrqs`] when no pin is left, [`BuildError::Hypervisor`] when the
+    /// [`BuildError::OutOfIrqs`] when no window is left, [`BuildError::Hypervisor`] when the
     /// interrupt line cannot be had, [`BuildError::Device`] when the transport refuses the
     /// device, [`BuildError::Bus`] on a window collision.
     pub fn attach(&mut self, device: Box<dyn VirtioDevice>) -> Result<(u64, u32), BuildError> {
         let name = device.name();
-        if self.next_irq > layout::IRQ_MAX {
+        let Some((base, size, irq)) = virtio_window(self.attached.len()) else {
             return Err(BuildError::OutOfIrqs {
                 device: name,
-                first: layout::VIRTIO_IRQ_START,
-                last: layout::IRQ_MAX,
+                first: VIRTIO_IRQS.0,
+                last: VIRTIO_IRQS.1,
             });
-        }
-        let (base, irq) = (self.next_base, self.next_irq);
+        };
         let line = self
             .vm
             .interrupt_line(irq)
@@ -193,19 +259,17 @@ impl<'a> MmioDevices<'a> {
             }
         })?;
         self.bus
-            .insert(
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-                Arc::new(Mutex::new(transport)),
-            )
+            .insert(base, size, Arc::new(Mutex::new(transport)))
             .map_err(|source| BuildError::Bus {
                 device: name,
                 source,
             })?;
-        self.cmdline_entries
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        self.next_base += layout::VIRTIO_MMIO_SIZE;
-        self.next_irq += 1;
+        self.attached.push(AttachedDevice {
+            name,
+            base,
+            size,
+            irq,
+        });
         info!(
             device = name,
             gpa = base,
@@ -213,6 +277,11 @@ impl<'a> MmioDevices<'a> {
             "virtio-mmio device attached"
         );
         Ok((base, irq))
+    }
+
+    /// The devices attached so far, in order.
+    pub fn attached(&self) -> &[AttachedDevice] {
+        &self.attached
     }
 }
 
@@ -306,143 +375,6 @@ fn open_console(
         }
         None => Ok(Box::new(std::io::stdout())),
     }
-}
-
-/// Builds the microVM `config` describes on `hypervisor` and starts its vCPUs. `on_stop` is
-/// called once, from a vCPU thread, when the guest resets, powers off or a vCPU fails; the
-/// console is flushed before.
-///
-/// # Errors
-///
-/// [`BuildError`] for the first step that failed; everything created so far is released.
-pub fn build(
-    hypervisor: &dyn Hypervisor,
-    config: &VmConfig,
-    console: &ConsoleTarget,
-    on_stop: StopCallback,
-) -> Result<MicroVm, BuildError> {
-    let boot = config
-        .boot_source
-        .as_ref()
-        .ok_or(BuildError::MissingBootSource)?;
-    let vcpu_count = config.machine_config.vcpu_count();
-    if u32::from(vcpu_count) > hypervisor.max_vcpus() {
-        return Err(BuildError::TooManyVcpus {
-            vcpu_count,
-            max: hypervisor.max_vcpus(),
-        });
-    }
-    let mem_size_bytes = config.machine_config.mem_size_mib() << 20;
-
-    let vm = hypervisor.create_vm().map_err(hv_error("create the vm"))?;
-    let guest_memory = memory::allocate(&layout::ram_regions(mem_size_bytes))?;
-    memory::map_into(vm.as_ref(), &guest_memory)?;
-
-    let control = VcpuControl::new_paused();
-    let console_watch = ConsoleWatch::new();
-
-    // Platform devices on the port I/O bus.
-    let serial_line = vm
-        .interrupt_line(layout::SERIAL_IRQ)
-        .map_err(hv_error("get the serial interrupt line"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_line,
-        ConsoleSink::new(open_console(config, console)?, console_watch.clone()),
-    )));
-    let stop = {
-        let serial = serial.clone();
-        Arc::new(StopNotifier::new(Box::new(move |reason| {
-            let _ = serial.lock().flush();
-            on_stop(reason);
-        })))
-    };
-    let mut io_bus = Bus::new();
-    io_bus
-        .insert(
-            u64::from(layout::SERIAL_PORT),
-            SerialDevice::PORT_COUNT,
-            serial.clone(),
-        )
-        .map_err(|source| BuildError::Bus {
-            device: "serial",
-            source,
-        })?;
-    let i8042 = {
-        let control = control.clone();
-        let stop = stop.clone();
-        let watch = console_watch.clone();
-        arch::i8042::I8042::new(
-            Box::new(move || {
-                let reason = if watch.panicked() {
-                    VmStopReason::GuestPanic
-                } else {
-                    VmStopReason::GuestReset
-                };
-                info!(?reason, "guest pulsed the i8042 reset line");
-                control.stop();
-                stop.notify(reason);
-            }),
-            Some(
-                vm.interrupt_line(arch::i8042::I8042::IRQ)
-                    .map_err(hv_error("get the keyboard interrupt line"))?,
-            ),
-        )
-    };
-    io_bus
-        .insert(
-            u64::from(arch::i8042::I8042::BASE_PORT),
-            arch::i8042::I8042::PORT_COUNT,
-            Arc::new(Mutex::new(i8042)),
-        )
-        .map_err(|source| BuildError::Bus {
-            device: "i8042",
-            source,
-        })?;
-
-    let mut mmio_bus = Bus::new();
-    let mut devices = MmioDevices::new(vm.as_ref(), &guest_memory, &mut mmio_bus);
-    attach_configured_devices(&mut devices, config)?;
-    let virtio_entries = std::mem::take(&mut devices.cmdline_entries);
-    let cmdline = kernel_cmdline(config, &virtio_entries);
-
-    let images = BootImages {
-        kernel: boot.kernel_image_path(),
-        initrd: boot.initrd_path(),
-        cmdline: &cmdline,
-    };
-    let entry = arch::load_boot_images(&guest_memory, mem_size_bytes, vcpu_count, &images)?;
-    info!(?entry, %cmdline, vcpus = vcpu_count, mem_mib = mem_size_bytes >> 20, "kernel loaded");
-
-    let supported_cpuid = vm
-        .supported_cpuid()
-        .map_err(hv_error("list supported cpuid"))?;
-    let ctx = VcpuContext {
-        mmio_bus: Arc::new(mmio_bus),
-        io_bus: Arc::new(io_bus),
-        control: control.clone(),
-        stop,
-        console: console_watch,
-    };
-    let mut microvm = MicroVm::new(
-        vm.clone(),
-        guest_memory,
-        control.clone(),
-        serial,
-        usize::from(vcpu_count),
-    );
-    for index in 0..vcpu_count {
-        let cpuid = supported_cpuid.clone();
-        let configure: vcpu::VcpuConfigure = Box::new(move |vcpu| {
-            let tsc_khz = vcpu.tsc_khz()?;
-            let setup = arch::vcpu_setup(&entry, &cpuid, index, vcpu_count, tsc_khz);
-            vcpu.configure_x86_64(&setup)
-        });
-        // On error `microvm` is dropped, which stops and joins the vCPUs already started.
-        let handle = vcpu::spawn(vm.clone(), index, vcpu_count, configure, ctx.clone())?;
-        microvm.add_vcpu_thread(handle);
-    }
-    control.resume();
-    Ok(microvm)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 
 pub mod action;
 pub mod arch;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod builder;
 pub mod config;
 pub mod event_loop;
@@ -20,5 +20,5 @@ pub mod memory;
 pub mod mirror;
 pub mod snapshot;
 pub mod vcpu;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod vm;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use squib_devices::serial::SerialDevice;
-use squib_hypervisor::{Hypervisor, Vm};
+#[cfg(target_arch = "x86_64")]
+use squib_hypervisor::Hypervisor;
+use squib_hypervisor::Vm;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tracing::{info, warn};
 use vm_memory::GuestMemoryMmap;
@@ -32,7 +32,8 @@ pub struct MicroVm {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
     vcpu_count: usize,
-    serial: Arc<Mutex<SerialDevice>>,
+    /// Writes out the console's buffered output (a trailing partial line).
+    flush_console: Box<dyn Fn() + Send + Sync>,
     // Declared after the threads: fields drop in order, so the VM and the memory mapped into
     // it outlive every vCPU.
     _vm: Arc<dyn Vm>,
@@ -53,14 +54,14 @@ impl MicroVm {
         vm: Arc<dyn Vm>,
         memory: GuestMemoryMmap,
         control: Arc<VcpuControl>,
-        serial: Arc<Mutex<SerialDevice>>,
+        flush_console: Box<dyn Fn() + Send + Sync>,
         vcpu_count: usize,
     ) -> Self {
         Self {
             control,
             threads: Vec::with_capacity(vcpu_count),
             vcpu_count,
-            serial,
+            flush_console,
             _vm: vm,
             _memory: memory,
         }
@@ -92,7 +93,7 @@ impl MicroVm {
                 warn!("a vcpu thread panicked");
             }
         }
-        let _ = self.serial.lock().flush();
+        (self.flush_console)();
     }
 }
 
@@ -104,7 +105,7 @@ impl Drop for MicroVm {
 
 impl RunningVm for MicroVm {
     fn backend_name(&self) -> &'static str {
-        "kvm"
+        BACKEND_NAME
     }
 
     fn pause(&mut self) -> Result<(), BackendError> {
@@ -120,11 +121,21 @@ impl RunningVm for MicroVm {
     }
 }
 
+/// The name of the host's hypervisor backend, for logs and `RunningVm::backend_name`.
+const BACKEND_NAME: &str = if cfg!(target_os = "macos") {
+    "hvf"
+} else {
+    "kvm"
+};
+
 /// Builds microVMs on the host's hypervisor (probed at each start, so that a host without
 /// one still serves the API and answers `InstanceStart` with the reason).
 pub struct HypervisorBackend {
     console: ConsoleTarget,
     stops: UnboundedSender<VmStopReason>,
+    /// x86_64 keeps the hypervisor it opened; an aarch64 VM's interrupt controller is shaped
+    /// by its vCPU count, so the aarch64 builder opens the hypervisor for each VM.
+    #[cfg(target_arch = "x86_64")]
     hypervisor: Option<Arc<dyn Hypervisor>>,
 }
 
@@ -145,6 +156,7 @@ impl HypervisorBackend {
             Self {
                 console,
                 stops,
+                #[cfg(target_arch = "x86_64")]
                 hypervisor: None,
             },
             rx,
@@ -154,40 +166,45 @@ impl HypervisorBackend {
 
 impl VmBackend for HypervisorBackend {
     fn name(&self) -> &'static str {
-        "kvm"
+        BACKEND_NAME
     }
 
     fn start(&mut self, config: &VmConfig) -> Result<Box<dyn RunningVm>, BackendError> {
-        let hypervisor = match &self.hypervisor {
-            Some(h) => h.clone(),
-            None => {
-                let h = squib_hypervisor::probe().map_err(|e| BackendError::Failed {
-                    operation: "open the hypervisor",
-                    detail: e.to_string(),
-                })?;
-                self.hypervisor = Some(h.clone());
-                h
-            }
-        };
         let stops = self.stops.clone();
         let on_stop = Box::new(move |reason: VmStopReason| {
             info!(?reason, "microVM stopped");
             let _ = stops.send(reason);
         });
-        let vm =
-            builder::build(hypervisor.as_ref(), config, &self.console, on_stop).map_err(|e| {
-                let mut detail = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    detail.push_str(": ");
-                    detail.push_str(&s.to_string());
-                    source = s.source();
+        #[cfg(target_arch = "x86_64")]
+        let built = {
+            let hypervisor = match &self.hypervisor {
+                Some(h) => h.clone(),
+                None => {
+                    let h = squib_hypervisor::probe().map_err(|e| BackendError::Failed {
+                        operation: "open the hypervisor",
+                        detail: e.to_string(),
+                    })?;
+                    self.hypervisor = Some(h.clone());
+                    h
                 }
-                BackendError::Failed {
-                    operation: "start the microVM",
-                    detail,
-                }
-            })?;
+            };
+            builder::build(hypervisor.as_ref(), config, &self.console, on_stop)
+        };
+        #[cfg(target_arch = "aarch64")]
+        let built = builder::build(config, &self.console, on_stop);
+        let vm = built.map_err(|e| {
+            let mut detail = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                detail.push_str(": ");
+                detail.push_str(&s.to_string());
+                source = s.source();
+            }
+            BackendError::Failed {
+                operation: "start the microVM",
+                detail,
+            }
+        })?;
         Ok(Box::new(vm))
     }
 }

@@ -246,17 +246,53 @@ pub trait Vm: Send + Sync {
 /// # Errors
 ///
 /// [`HypervisorError::Unavailable`] when the host has none squib can drive.
+#[cfg(target_arch = "x86_64")]
 pub fn probe() -> Result<Arc<dyn Hypervisor>, HypervisorError> {
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(target_os = "linux")]
     {
         Ok(Arc::new(kvm::KvmHypervisor::open()?))
     }
-    // Known limitation: only KVM on x86_64 is wired into the probe so far; the HVF and aarch64
-    // KVM backends register here once they exist.
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    #[cfg(not(target_os = "linux"))]
     {
         Err(HypervisorError::Unavailable {
-            reason: "no backend is built for this host".to_string(),
+            reason: "squib drives x86_64 guests only through KVM on Linux".to_string(),
+        })
+    }
+}
+
+/// Opens the host's hypervisor for aarch64 VMs whose GICv3 is placed as `gic` (the interrupt
+/// controller is part of the VM on both backends, so its shape is fixed here):
+/// Hypervisor.framework on macOS, KVM on Linux. `redistributor_space` is the room the memory
+/// map leaves for redistributors from `gic.redistributor_base` (HVF claims its own maximum).
+///
+/// # Errors
+///
+/// [`HypervisorError::Unavailable`] when the host has none squib can drive,
+/// [`HypervisorError::Unsupported`] when it lacks a capability squib needs.
+#[cfg(target_arch = "aarch64")]
+pub fn probe_aarch64(
+    gic: aarch64::GicV3Layout,
+    redistributor_space: u64,
+) -> Result<Arc<dyn Hypervisor>, HypervisorError> {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = redistributor_space;
+        Ok(Arc::new(kvm_aarch64::KvmAarch64::open(gic)?))
+    }
+    #[cfg(target_os = "macos")]
+    {
+        Ok(Arc::new(hvf::Hvf::new(hvf::HvfConfig {
+            gic,
+            redistributor_space,
+        })?))
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    {
+        let _ = (gic, redistributor_space);
+        Err(HypervisorError::Unavailable {
+            reason: "squib drives aarch64 guests through KVM (Linux) or \
+                     Hypervisor.framework (macOS) only"
+                .to_string(),
         })
     }
 }

@@ -24,8 +24,8 @@
 //! # Limitations
 //!
 //! The kick machinery repeats the x86_64 module's; both belong in one shared file once the KVM
-//! module builds for both architectures. Nothing wires this backend into `probe` or the builder
-//! yet: the caller constructs it with the memory map's GIC placement.
+//! module builds for both architectures. [`crate::probe_aarch64`] opens this backend with the
+//! memory map's GIC placement, one per VM (the vGIC is sized for the VM's vCPUs).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Once};
@@ -384,10 +384,18 @@ impl ImmediateExit {
     }
 }
 
+/// The vCPU's thread, for `pthread_kill`. musl's `pthread_t` is a pointer, glibc's an integer.
+#[derive(Debug, Clone, Copy)]
+struct VcpuThread(libc::pthread_t);
+
+// SAFETY: a pthread_t is an opaque handle that any thread of the process may pass to
+// pthread_kill; it is only used while the vCPU (which lives on that thread) exists.
+unsafe impl Send for VcpuThread {}
+
 #[derive(Debug)]
 struct KickState {
     /// `None` once the vCPU is dropped: kicks become no-ops.
-    target: Mutex<Option<(ImmediateExit, libc::pthread_t)>>,
+    target: Mutex<Option<(ImmediateExit, VcpuThread)>>,
 }
 
 #[derive(Debug)]
@@ -401,7 +409,7 @@ impl VcpuKicker for KvmKicker {
             unsafe { &*exit.0 }.store(1, Ordering::SeqCst);
             // SAFETY: the thread is the vCPU's own, alive while the vCPU exists (the vCPU is
             // dropped on it); the signal's handler is empty.
-            unsafe { libc::pthread_kill(thread, kick_signal()) };
+            unsafe { libc::pthread_kill(thread.0, kick_signal()) };
         }
     }
 }
@@ -439,7 +447,7 @@ impl KvmAarch64Vcpu {
             unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) }.cast::<AtomicU8>(),
         );
         // SAFETY: pthread_self has no preconditions.
-        let thread = unsafe { libc::pthread_self() };
+        let thread = VcpuThread(unsafe { libc::pthread_self() });
         shared.vcpu_initialised();
         Ok(Self {
             fd,
