@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test unit-test lint fmt deps host-test vm-test guest-kernel test-initramfs guest-image bench demo
+.PHONY: all build test unit-test lint fmt deps host-test vm-test arm64-vm-test guest-kernel test-initramfs guest-image bench demo macos
 
 all: build
 
@@ -12,12 +12,13 @@ build:
 deps:
 	scripts/install-deps
 
-# Format check, clippy, rustdoc with warnings denied; the HVF backend is type-checked for macOS.
+# Format check, clippy, rustdoc with warnings denied; squib-vmm with the HVF backend is
+# type-checked for macOS, and everything the arm64 VM tests run for arm64 Linux.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy --target aarch64-apple-darwin -p squib-hypervisor -p squib-devices -p squib-core --all-targets -- -D warnings
-	$(CARGO) clippy --target aarch64-unknown-linux-gnu -p squib-hypervisor -p squib-devices -p squib-core --all-targets -- -D warnings
+	$(CARGO) clippy --target aarch64-apple-darwin -p squib-hypervisor -p squib-devices -p squib-core -p squib-api -p squib-vmm --all-targets -- -D warnings
+	$(CARGO) clippy --target aarch64-unknown-linux-gnu -p squib-hypervisor -p squib-devices -p squib-core -p squib-api -p squib-vmm -p squib-agent -p squib-tests --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items
 	@# The pattern is split in quotes so that this line does not match itself.
 	@if git grep -nE '\b(TO''DO|FIX''ME|X''XX)\b' -- '*.rs' 'Makefile' '*.sh'; then \
@@ -36,6 +37,12 @@ host-test:
 vm-test:
 	$(CARGO) build -p containerd-shim-squib-v2
 	tests/run-vm-tests
+	tests/run-arm64-vm-tests
+
+# Only the aarch64 VM tests: squib-vmm boots the arm64 guest image on an arm64 KVM (inside the
+# arm64 VM test host on any other host) and vm_agent's cases run against it.
+arm64-vm-test:
+	tests/run-arm64-vm-tests
 
 # The guest kernel (bzImage, then vmlinux: the last line is vmlinux's path) and the busybox
 # test initramfs (the last line is its path).
@@ -62,6 +69,11 @@ bench:
 # containerd (inside the VM test host when this host's KVM cannot run guests).
 demo:
 	scripts/demo
+
+# On macOS on Apple Silicon: squib-vmm built and signed with the hypervisor entitlement
+# (scripts/build-macos says what has and has not run on a Mac).
+macos:
+	scripts/build-macos
 
 fmt:
 	$(CARGO) fmt --all
