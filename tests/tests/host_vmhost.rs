@@ -76,6 +76,35 @@ fn test_vmhost_returns_exact_streams_args_env_cwd_and_status() {
 }
 
 #[test]
+fn test_vmhost_aarch64_returns_exact_streams_args_env_cwd_and_status() {
+    // The arm64 L1 cannot execute the host's x86_64 programs: `sh` here is the applet of the
+    // arm64 busybox that the tool provides, and so are printf, pwd and test.
+    let dir = scratch("aarch64").unwrap();
+    let arg_out = OsStr::from_bytes(b" two  spaces 'single' \"double\" $HOME `x` \\ \n\t\xff\n\n");
+    let env_val = OsStr::from_bytes(b"a=b; $(false) \x01\xfe end\n");
+    let script = "printf '%s' \"$1\"; printf '%s' \"$SQUIB_ODD_VALUE\"; pwd; \
+                  test -c /dev/kvm || exit 9; printf '%s|' \"$2\" >&2; exit 5";
+    let mut c = Command::new(repo_root().join("tests/vmhost/run"));
+    c.current_dir(&dir)
+        .env("SQUIB_ODD_VALUE", env_val)
+        .args([
+            "--arch", "aarch64", "--mem", "1024", "--", "sh", "-c", script, "sh",
+        ])
+        .arg(arg_out)
+        .arg("-n");
+    let out = output_with_timeout(&mut c, Duration::from_secs(600)).unwrap();
+
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    let mut expected = arg_out.as_bytes().to_vec();
+    expected.extend_from_slice(env_val.as_bytes());
+    expected.extend_from_slice(dir.canonicalize().unwrap().as_os_str().as_bytes());
+    expected.push(b'\n');
+    assert!(out.stdout == expected, "stdout differs: {}", describe(&out));
+    assert_eq!(out.stderr, b"-n|", "{}", describe(&out));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn test_vmhost_returns_zero_and_keeps_writes_outside_results_in_l1() {
     let dir = scratch("writes").unwrap();
     let results = dir.join("results");
