@@ -691,6 +691,138 @@ mod tests {
         assert!(ctx.control.is_stopping());
     }
 
+    /// Hypervisor.framework's exits, replayed by the scripted framework, go through the HVF
+    /// backend and this vCPU loop: the boot vCPU writes to a device, reads a sign-extended byte
+    /// from it and starts the second vCPU with PSCI CPU_ON; the second vCPU, whose thread the
+    /// loop started parked, writes from the entry CPU_ON gave it; SYSTEM_OFF ends the VM.
+    #[test]
+    fn test_hvf_exits_run_through_the_vcpu_loop_and_reach_the_bus() {
+        use squib_hypervisor::aarch64::{VcpuSetup, mpidr_of, psci};
+        use squib_hypervisor::hvf::fake::{data_abort, hvc, new_seam_vm, run, wfi};
+        use squib_hypervisor::hvf::ffi::{HV_REG_PC, HV_REG_X0};
+        use std::sync::atomic::AtomicBool;
+
+        const ENTRY: u64 = 0x8000_0000;
+        const FDT: u64 = 0x8800_0000;
+        const SECONDARY_ENTRY: u64 = 0x8000_1000;
+        const UART: u64 = 0x0900_0000;
+
+        #[derive(Default)]
+        struct Uart {
+            written: Vec<(u64, Vec<u8>)>,
+        }
+        impl squib_devices::BusDevice for Uart {
+            fn read(&mut self, _offset: u64, data: &mut [u8]) {
+                data.fill(0x90);
+            }
+            fn write(&mut self, offset: u64, data: &[u8]) {
+                self.written.push((offset, data.to_vec()));
+            }
+        }
+
+        let (fake, vm) = new_seam_vm(2);
+        let secondary_wrote = Arc::new(AtomicBool::new(false));
+        let test_done = Arc::new(AtomicBool::new(false));
+        let wait_for = |flag: Arc<AtomicBool>| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let flag = secondary_wrote.clone();
+        fake.script(
+            mpidr_of(0),
+            vec![
+                // STR W1, [UART]: 32 bits.
+                run(|s| {
+                    assert_eq!((s.pc(), s.reg(HV_REG_X0)), (ENTRY, FDT));
+                    s.set_x(&[FDT, u64::from(b'A')]);
+                    data_abort(UART, 2, false, 1, false, true)
+                }),
+                // LDRSB X2, [UART + 0x18].
+                run(|_| data_abort(UART + 0x18, 0, true, 2, true, false)),
+                // HVC: PSCI CPU_ON(vCPU 1, SECONDARY_ENTRY, context 0x55).
+                run(|s| {
+                    assert_eq!(s.reg(HV_REG_X0 + 2), 0xffff_ffff_ffff_ff90);
+                    s.set_x(&[
+                        u64::from(psci::CPU_ON_64),
+                        mpidr_of(1),
+                        SECONDARY_ENTRY,
+                        0x55,
+                    ]);
+                    s.regs.insert(HV_REG_PC, s.pc() + 4);
+                    hvc()
+                }),
+                // Once the second vCPU has written: SYSTEM_OFF.
+                run(move |s| {
+                    assert_eq!(s.reg(HV_REG_X0), 0, "CPU_ON succeeded");
+                    wait_for(flag);
+                    s.set_x(&[u64::from(psci::SYSTEM_OFF)]);
+                    hvc()
+                }),
+            ],
+        );
+        let (flag, done) = (secondary_wrote.clone(), test_done.clone());
+        fake.script(
+            mpidr_of(1),
+            vec![
+                // STRB W3, [UART].
+                run(move |s| {
+                    assert_eq!((s.pc(), s.reg(HV_REG_X0)), (SECONDARY_ENTRY, 0x55));
+                    s.regs.insert(HV_REG_X0 + 3, u64::from(b'B'));
+                    flag.store(true, Ordering::SeqCst);
+                    data_abort(UART, 0, false, 3, false, true)
+                }),
+                // Idle until the test has seen the VM stop (the loop kicks it out of WFI).
+                run(move |_| {
+                    wait_for(done);
+                    wfi()
+                }),
+            ],
+        );
+
+        let uart = Arc::new(Mutex::new(Uart::default()));
+        let mut mmio_bus = Bus::new();
+        mmio_bus.insert(UART, 0x1000, uart.clone()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let ctx = VcpuContext {
+            mmio_bus: Arc::new(mmio_bus),
+            io_bus: Arc::new(Bus::new()),
+            control: VcpuControl::new_paused(),
+            stop: Arc::new(StopNotifier::new(Box::new(move |r| {
+                let _ = tx.send(r);
+            }))),
+            console: ConsoleWatch::new(),
+        };
+        let setup = VcpuSetup {
+            entry: ENTRY,
+            fdt_addr: FDT,
+        };
+        let handles: Vec<_> = (0..2u8)
+            .map(|index| {
+                let configure: VcpuConfigure = Box::new(move |vcpu| {
+                    if index == 0 {
+                        vcpu.configure_aarch64(&setup)
+                    } else {
+                        Ok(())
+                    }
+                });
+                spawn(vm.clone(), index, 2, configure, ctx.clone()).unwrap()
+            })
+            .collect();
+        ctx.control.resume();
+        let reason = rx.recv_timeout(Duration::from_secs(10));
+        test_done.store(true, Ordering::SeqCst);
+        assert_eq!(reason.unwrap(), VmStopReason::GuestShutdown);
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        assert_eq!(
+            uart.lock().written,
+            vec![(0, vec![b'A', 0, 0, 0]), (0, vec![b'B'])]
+        );
+    }
+
     #[test]
     fn test_vcpu_reset_after_panic_banner_reports_panic() {
         let (ctx, rx) = context(Bus::new());

@@ -37,7 +37,7 @@ mod power;
 mod real;
 mod vcpu;
 #[cfg_attr(
-    all(not(target_os = "macos"), not(test)),
+    all(not(target_os = "macos"), not(test), not(feature = "fake-hvf")),
     expect(
         dead_code,
         reason = "only the macOS build creates vms; elsewhere this is type-checked and unit-tested"
@@ -45,6 +45,8 @@ mod vcpu;
 )]
 mod vm;
 
+#[cfg(any(test, feature = "fake-hvf"))]
+pub mod fake;
 #[cfg(test)]
 mod tests;
 

@@ -1,259 +1,18 @@
-//! Scripted-framework tests: the real HVF exit handling runs against a fake `VmOps`/`VcpuOps`
-//! whose `run` replays guest exits and whose registers record every write.
+//! Scripted-framework tests: the real HVF exit handling runs against the fake framework of
+//! `fake.rs`, whose `run` replays guest exits and whose registers record every write.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
+use super::fake::*;
 use super::ffi::*;
-use super::ops::{VcpuOps, VmOps};
 use super::real::{FrameworkGic, VmSlot, check_geometry, check_vtimer_intid};
-use super::vm::HvfVm;
 use super::*;
-use crate::aarch64::esr::{EC_DATA_ABORT_LOWER, EC_HVC64, EC_SMC64, EC_SYSREG, EC_WFX};
+use crate::aarch64::esr::{EC_DATA_ABORT_LOWER, EC_SMC64, EC_SYSREG, EC_WFX};
 use crate::aarch64::psci;
 use crate::aarch64::{VcpuSetup, mpidr_of};
 use crate::{Vcpu, VmExit};
-
-/// What the fake framework recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Event {
-    SetReg(u32, u64),
-    SetSysReg(u16, u64),
-    VtimerMask(bool),
-    VtimerPending(bool),
-    VtimerOffset(u64),
-}
-
-/// The guest-visible state of one fake vCPU.
-#[derive(Debug, Default)]
-struct State {
-    regs: HashMap<u32, u64>,
-    sys_regs: HashMap<u16, u64>,
-    log: Vec<Event>,
-    local_pending: bool,
-    vtimer_offset: u64,
-}
-
-impl State {
-    fn reg(&self, reg: u32) -> u64 {
-        self.regs.get(&reg).copied().unwrap_or(0)
-    }
-    fn pc(&self) -> u64 {
-        self.reg(HV_REG_PC)
-    }
-    fn set_x(&mut self, values: &[u64]) {
-        for (n, value) in (0u32..).zip(values) {
-            self.regs.insert(HV_REG_X0 + n, *value);
-        }
-    }
-}
-
-/// One guest run: may inspect and change the guest state, returns the exit.
-type Run = Box<dyn FnOnce(&mut State) -> hv_vcpu_exit_t + Send>;
-
-#[derive(Default)]
-struct FakeVm {
-    /// Scripts by MPIDR, picked up by the vCPU whose MPIDR the backend set.
-    scripts: Mutex<HashMap<u64, VecDeque<Run>>>,
-    states: Mutex<HashMap<u64, Arc<Mutex<State>>>>,
-    spis: Mutex<Vec<(u32, bool)>>,
-    exits_forced: Mutex<Vec<u64>>,
-    next_handle: AtomicU64,
-    maps: Mutex<Vec<(u64, u64, u64, u64)>>,
-    epoch: Mutex<Option<Instant>>,
-}
-
-impl FakeVm {
-    fn script(&self, mpidr: u64, runs: Vec<Run>) {
-        self.scripts.lock().insert(mpidr, runs.into());
-    }
-    fn state(&self, mpidr: u64) -> Arc<Mutex<State>> {
-        self.states.lock().get(&mpidr).unwrap().clone()
-    }
-    /// Host ticks are nanoseconds since the first call.
-    fn ticks(&self) -> u64 {
-        let epoch = *self.epoch.lock().get_or_insert_with(Instant::now);
-        u64::try_from(epoch.elapsed().as_nanos()).unwrap()
-    }
-}
-
-struct FakeVcpu {
-    vm: Arc<FakeVm>,
-    handle: u64,
-    state: Arc<Mutex<State>>,
-    script: Option<VecDeque<Run>>,
-}
-
-/// The fake framework as `VmOps`: its vCPUs refer back to the shared [`FakeVm`].
-struct FakeVmHandle(Arc<FakeVm>);
-
-impl VmOps for FakeVmHandle {
-    type Vcpu = FakeVcpu;
-
-    unsafe fn map(&self, host_addr: u64, gpa: u64, len: u64, flags: u64) -> Result<(), HvfError> {
-        self.0.maps.lock().push((host_addr, gpa, len, flags));
-        Ok(())
-    }
-    fn create_vcpu(&self) -> Result<FakeVcpu, HvfError> {
-        Ok(FakeVcpu {
-            vm: self.0.clone(),
-            handle: self.0.next_handle.fetch_add(1, Ordering::Relaxed) + 100,
-            state: Arc::new(Mutex::new(State {
-                sys_regs: HashMap::from([(HV_SYS_REG_SCTLR_EL1, 0x30d0_0800)]),
-                ..State::default()
-            })),
-            script: None,
-        })
-    }
-    fn exit_vcpu(&self, handle: u64) -> Result<(), HvfError> {
-        self.0.exits_forced.lock().push(handle);
-        Ok(())
-    }
-    fn set_spi(&self, intid: u32, level: bool) -> Result<(), HvfError> {
-        if intid > 100 {
-            return Err(HvfError::Call {
-                operation: "hv_gic_set_spi",
-                code: HV_BAD_ARGUMENT,
-            });
-        }
-        self.0.spis.lock().push((intid, level));
-        Ok(())
-    }
-    fn now_ticks(&self) -> u64 {
-        self.0.ticks()
-    }
-    fn vtimer_base(&self) -> u64 {
-        VTIMER_BASE
-    }
-    fn ticks_to_duration(&self, ticks: u64) -> Duration {
-        Duration::from_nanos(ticks)
-    }
-}
-
-impl VcpuOps for FakeVcpu {
-    fn handle(&self) -> u64 {
-        self.handle
-    }
-
-    fn run(&mut self) -> Result<hv_vcpu_exit_t, HvfError> {
-        let mpidr = self.state.lock().sys_regs[&HV_SYS_REG_MPIDR_EL1];
-        let script = self
-            .script
-            .get_or_insert_with(|| self.vm.scripts.lock().remove(&mpidr).unwrap_or_default());
-        match script.pop_front() {
-            Some(step) => Ok(step(&mut self.state.lock())),
-            None => Err(HvfError::Call {
-                operation: "hv_vcpu_run",
-                code: HV_ERROR,
-            }),
-        }
-    }
-
-    fn reg(&self, reg: u32) -> Result<u64, HvfError> {
-        Ok(self.state.lock().reg(reg))
-    }
-
-    fn set_reg(&mut self, reg: u32, value: u64) -> Result<(), HvfError> {
-        let mut state = self.state.lock();
-        state.regs.insert(reg, value);
-        state.log.push(Event::SetReg(reg, value));
-        Ok(())
-    }
-
-    fn sys_reg(&self, reg: u16) -> Result<u64, HvfError> {
-        Ok(self.state.lock().sys_regs.get(&reg).copied().unwrap_or(0))
-    }
-
-    fn set_sys_reg(&mut self, reg: u16, value: u64) -> Result<(), HvfError> {
-        let mut state = self.state.lock();
-        state.sys_regs.insert(reg, value);
-        state.log.push(Event::SetSysReg(reg, value));
-        if reg == HV_SYS_REG_MPIDR_EL1 {
-            self.vm.states.lock().insert(value, self.state.clone());
-        }
-        Ok(())
-    }
-
-    fn set_vtimer_mask(&mut self, masked: bool) -> Result<(), HvfError> {
-        self.state.lock().log.push(Event::VtimerMask(masked));
-        Ok(())
-    }
-
-    fn vtimer_offset(&self) -> Result<u64, HvfError> {
-        Ok(self.state.lock().vtimer_offset)
-    }
-
-    fn set_vtimer_offset(&mut self, offset: u64) -> Result<(), HvfError> {
-        let mut state = self.state.lock();
-        state.vtimer_offset = offset;
-        state.log.push(Event::VtimerOffset(offset));
-        Ok(())
-    }
-
-    fn set_vtimer_pending(&mut self, pending: bool) -> Result<(), HvfError> {
-        self.state.lock().log.push(Event::VtimerPending(pending));
-        Ok(())
-    }
-
-    fn local_interrupt_pending(&self) -> Result<bool, HvfError> {
-        Ok(self.state.lock().local_pending)
-    }
-}
-
-const IL: u64 = 1 << 25;
-/// The fake VM's common virtual counter offset, in host ticks.
-const VTIMER_BASE: u64 = 1_000;
-
-fn exception(ec: u8, iss: u64, ipa: u64) -> hv_vcpu_exit_t {
-    hv_vcpu_exit_t {
-        reason: HV_EXIT_REASON_EXCEPTION,
-        exception: hv_vcpu_exit_exception_t {
-            syndrome: (u64::from(ec) << 26) | IL | iss,
-            virtual_address: 0,
-            physical_address: ipa,
-        },
-    }
-}
-
-/// A data abort with a valid syndrome.
-fn data_abort(ipa: u64, sas: u64, sse: bool, srt: u64, sf: bool, write: bool) -> hv_vcpu_exit_t {
-    let iss = (1 << 24)
-        | (sas << 22)
-        | (u64::from(sse) << 21)
-        | (srt << 16)
-        | (u64::from(sf) << 15)
-        | (u64::from(write) << 6);
-    exception(EC_DATA_ABORT_LOWER, iss, ipa)
-}
-
-fn hvc() -> hv_vcpu_exit_t {
-    exception(EC_HVC64, 0, 0)
-}
-
-fn wfi() -> hv_vcpu_exit_t {
-    exception(EC_WFX, 0, 0)
-}
-
-fn vtimer() -> hv_vcpu_exit_t {
-    hv_vcpu_exit_t {
-        reason: HV_EXIT_REASON_VTIMER_ACTIVATED,
-        ..hv_vcpu_exit_t::default()
-    }
-}
-
-fn run<F: FnOnce(&mut State) -> hv_vcpu_exit_t + Send + 'static>(f: F) -> Run {
-    Box::new(f)
-}
-
-fn new_vm(vcpus: u32) -> (Arc<FakeVm>, Arc<HvfVm<FakeVmHandle>>) {
-    let fake = Arc::new(FakeVm::default());
-    let vm = Arc::new(HvfVm::new(Arc::new(FakeVmHandle(fake.clone())), vcpus));
-    (fake, vm)
-}
 
 const ENTRY: u64 = 0x8020_0000;
 const FDT: u64 = 0x8800_0000;
@@ -353,7 +112,7 @@ fn test_hvf_vcpu_replays_mmio_psci_vtimer_wfi_and_system_off() {
         psci::PowerControl::affinity_info(&*vm.power, mpidr_of(1)),
         Some(psci::AffinityState::OnPending)
     );
-    let state = fake.state(mpidr_of(0));
+    let state = fake.state(mpidr_of(0)).unwrap();
     let state = state.lock();
     assert_eq!(state.sys_regs[&HV_SYS_REG_MPIDR_EL1], 0);
     assert_eq!(state.vtimer_offset, VTIMER_BASE);
@@ -454,7 +213,7 @@ fn test_hvf_cpu_off_parks_and_a_second_cpu_on_restarts_from_reset_state() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while psci::PowerControl::affinity_info(&*power, mpidr_of(1)) != Some(psci::AffinityState::Off)
         || fake.states.lock().get(&mpidr_of(1)).is_none()
-        || fake.state(mpidr_of(1)).lock().pc() != 0x8030_0000
+        || fake.state(mpidr_of(1)).unwrap().lock().pc() != 0x8030_0000
     {
         assert!(Instant::now() < deadline, "secondary never powered off");
         std::thread::sleep(Duration::from_millis(5));
