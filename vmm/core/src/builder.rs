@@ -33,7 +33,8 @@ use crate::arch::aarch64 as arch;
 use crate::arch::x86_64 as arch;
 use crate::config::VmConfig;
 use crate::memory::MemoryError;
-use crate::vcpu::VcpuError;
+use crate::vcpu::{self, VcpuContext, VcpuError};
+use crate::vm::MicroVm;
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
@@ -283,6 +284,37 @@ impl<'a> MmioDevices<'a> {
     pub fn attached(&self) -> &[AttachedDevice] {
         &self.attached
     }
+}
+
+/// Starts one thread per vCPU, vCPU `index` configured by `configure(index)` on its thread, then
+/// lets them run; `flush_console` writes out the console when the microVM stops.
+///
+/// # Errors
+///
+/// [`BuildError::Vcpu`] when a vCPU cannot be created or configured; the vCPUs already started
+/// are stopped and joined.
+fn start_vcpus(
+    vm: Arc<dyn Vm>,
+    memory: GuestMemoryMmap,
+    ctx: &VcpuContext,
+    flush_console: Box<dyn Fn() + Send + Sync>,
+    vcpu_count: u8,
+    mut configure: impl FnMut(u8) -> vcpu::VcpuConfigure,
+) -> Result<MicroVm, BuildError> {
+    let mut microvm = MicroVm::new(
+        vm.clone(),
+        memory,
+        ctx.control.clone(),
+        flush_console,
+        usize::from(vcpu_count),
+    );
+    for index in 0..vcpu_count {
+        // On error `microvm` is dropped, which stops and joins the vCPUs already started.
+        let handle = vcpu::spawn(vm.clone(), index, vcpu_count, configure(index), ctx.clone())?;
+        microvm.add_vcpu_thread(handle);
+    }
+    ctx.control.resume();
+    Ok(microvm)
 }
 
 /// Creates and attaches the virtio devices `config` asks for: drives (root first), vsock,

@@ -15,13 +15,13 @@ use tracing::info;
 
 use super::{
     BuildError, ConsoleTarget, MmioDevices, attach_configured_devices, hv_error, kernel_cmdline,
-    open_console,
+    open_console, start_vcpus,
 };
 use crate::arch::aarch64::layout::{self, MmioSlot};
 use crate::arch::aarch64::{self as arch, MachineShape};
 use crate::config::VmConfig;
 use crate::memory;
-use crate::vcpu::{self, StopCallback, StopNotifier, VcpuContext, VcpuControl};
+use crate::vcpu::{StopCallback, StopNotifier, VcpuContext, VcpuControl};
 use crate::vm::MicroVm;
 
 /// The console sink as the PL011 sees it: [`ConsoleSink`] only writes out a partial line when
@@ -151,33 +151,28 @@ pub fn build(
         mmio_bus: Arc::new(mmio_bus),
         // arm64 has no port I/O.
         io_bus: Arc::new(Bus::new()),
-        control: control.clone(),
+        control,
         stop,
         console: console_watch,
     };
-    let mut microvm = MicroVm::new(
-        vm.clone(),
+    let boot_state = setup.vcpu;
+    start_vcpus(
+        vm,
         guest_memory,
-        control.clone(),
+        &ctx,
         Box::new(move || {
             let _ = serial.lock().flush();
         }),
-        usize::from(vcpu_count),
-    );
-    let boot_state = setup.vcpu;
-    for index in 0..vcpu_count {
-        let configure: vcpu::VcpuConfigure = Box::new(move |vcpu| {
-            if index == 0 {
-                vcpu.configure_aarch64(&boot_state)
-            } else {
-                // Secondary vCPUs stay powered off until PSCI CPU_ON gives them an entry.
-                Ok(())
-            }
-        });
-        // On error `microvm` is dropped, which stops and joins the vCPUs already started.
-        let handle = vcpu::spawn(vm.clone(), index, vcpu_count, configure, ctx.clone())?;
-        microvm.add_vcpu_thread(handle);
-    }
-    control.resume();
-    Ok(microvm)
+        vcpu_count,
+        |index| {
+            Box::new(move |vcpu| {
+                if index == 0 {
+                    vcpu.configure_aarch64(&boot_state)
+                } else {
+                    // Secondary vCPUs stay powered off until PSCI CPU_ON gives them an entry.
+                    Ok(())
+                }
+            })
+        },
+    )
 }

@@ -11,12 +11,12 @@ use tracing::info;
 
 use super::{
     BuildError, ConsoleTarget, MmioDevices, attach_configured_devices, hv_error, kernel_cmdline,
-    open_console,
+    open_console, start_vcpus,
 };
 use crate::arch::x86_64::{self as arch, BootImages, layout};
 use crate::config::VmConfig;
 use crate::memory;
-use crate::vcpu::{self, StopCallback, StopNotifier, VcpuContext, VcpuControl, VmStopReason};
+use crate::vcpu::{StopCallback, StopNotifier, VcpuContext, VcpuControl, VmStopReason};
 use crate::vm::MicroVm;
 
 /// Builds the microVM `config` describes on `hypervisor` and starts its vCPUs. `on_stop` is
@@ -134,30 +134,25 @@ pub fn build(
     let ctx = VcpuContext {
         mmio_bus: Arc::new(mmio_bus),
         io_bus: Arc::new(io_bus),
-        control: control.clone(),
+        control,
         stop,
         console: console_watch,
     };
-    let mut microvm = MicroVm::new(
-        vm.clone(),
+    start_vcpus(
+        vm,
         guest_memory,
-        control.clone(),
+        &ctx,
         Box::new(move || {
             let _ = serial.lock().flush();
         }),
-        usize::from(vcpu_count),
-    );
-    for index in 0..vcpu_count {
-        let cpuid = supported_cpuid.clone();
-        let configure: vcpu::VcpuConfigure = Box::new(move |vcpu| {
-            let tsc_khz = vcpu.tsc_khz()?;
-            let setup = arch::vcpu_setup(&entry, &cpuid, index, vcpu_count, tsc_khz);
-            vcpu.configure_x86_64(&setup)
-        });
-        // On error `microvm` is dropped, which stops and joins the vCPUs already started.
-        let handle = vcpu::spawn(vm.clone(), index, vcpu_count, configure, ctx.clone())?;
-        microvm.add_vcpu_thread(handle);
-    }
-    control.resume();
-    Ok(microvm)
+        vcpu_count,
+        |index| {
+            let cpuid = supported_cpuid.clone();
+            Box::new(move |vcpu| {
+                let tsc_khz = vcpu.tsc_khz()?;
+                let setup = arch::vcpu_setup(&entry, &cpuid, index, vcpu_count, tsc_khz);
+                vcpu.configure_x86_64(&setup)
+            })
+        },
+    )
 }
