@@ -899,12 +899,21 @@ mod tests {
             started.elapsed()
         );
         let client = client.with_timeouts(CALL_TIMEOUT, CALL_TIMEOUT);
-        Guest {
+        let guest = Guest {
             child,
             console,
             client,
             sock_dir: Some(sock_dir),
-        }
+        };
+        // Both vCPUs came up (on aarch64 the second one through PSCI CPU_ON): a guest left with
+        // one would pass every case.
+        let log = std::fs::read_to_string(&guest.console).unwrap_or_default();
+        assert!(
+            log.contains("smp: Brought up 1 node, 2 CPUs"),
+            "the guest did not bring up both vCPUs; console:\n{}",
+            console_tail(&guest.console)
+        );
+        guest
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -118,7 +118,9 @@ pub enum BuildError {
         source: BusError,
     },
     /// Every virtio-mmio interrupt line is taken.
-    #[error("no interrupt line left for virtio device {device} (pins {first}..={last} in use)")]
+    #[error(
+        "no virtio-mmio slot left for virtio device {device} (interrupts {first}..={last} in use)"
+    )]
     OutOfIrqs {
         /// The device that did not fit.
         device: &'static str,

@@ -1,7 +1,9 @@
 //! A running microVM and the [`VmBackend`] that builds one on the host's hypervisor.
 //!
-//! [`HypervisorBackend`] is the event loop's seam to real VMs: `start` probes the hypervisor
-//! (KVM on Linux) and calls [`builder::build`]; the [`MicroVm`] it returns pauses and resumes
+//! [`HypervisorBackend`] is the event loop's seam to real VMs: `start` calls [`builder::build`]
+//! with the host's hypervisor (x86_64: KVM, probed once and kept; aarch64: the builder opens KVM
+//! on Linux or Hypervisor.framework on macOS for each VM, whose GIC is sized by its vCPU count);
+//! the [`MicroVm`] it returns pauses and resumes
 //! its vCPUs for the loop. When the guest ends the VM on its own (reboot, power-off, panic) or a
 //! vCPU fails, the [`VmStopReason`] arrives on the receiver [`HypervisorBackend::new`] returned;
 //! its owner ends the process with [`VmStopReason::exit_code`].

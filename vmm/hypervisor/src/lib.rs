@@ -6,7 +6,8 @@
 //! thread that created it (so [`Vcpu`] is not `Send`), there is no ioeventfd or irqfd (queue
 //! notifies arrive as MMIO exits), and interrupts go through an [`InterruptLine`] that the
 //! backend implements. No `kvm_bindings` or `hv_*` type crosses these traits: x86_64 register
-//! state travels in the neutral structs of [`x86_64`], and [`probe`] picks the host's backend.
+//! state travels in the neutral structs of the `x86_64` and [`aarch64`] modules. `probe`
+//! (x86_64) and `probe_aarch64` (aarch64, given the VM's GIC placement) pick the host's backend.
 #![warn(missing_docs)]
 
 use std::sync::Arc;

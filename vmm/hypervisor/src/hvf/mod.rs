@@ -21,7 +21,8 @@
 //!
 //! The code compiles and is linted on every host; the framework is linked, and the real VM
 //! created, only on macOS. Elsewhere [`Hvf::new`] reports the backend unavailable. The exit
-//! handling runs in unit tests on any host against a scripted framework (`ops.rs` is the seam).
+//! handling runs in unit tests on any host against a scripted framework (`fake.rs`, behind the
+//! `ops.rs` seam; the core crate's tests run it through the real vCPU loop too).
 
 pub mod ffi;
 pub mod memory;
