@@ -29,6 +29,15 @@ pub const IDLE_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// How long a request waits for its stream connections.
 pub const STREAM_WAIT: Duration = Duration::from_secs(10);
 const BUF_LEN: usize = 64 * 1024;
+/// An output stream is read in pieces of up to this size: each write to the vsock connection
+/// becomes as few full-size packets, queue notifications and interrupts as the data allows,
+/// and each of those is a VM exit.
+const OUT_BUF_LEN: usize = 256 * 1024;
+/// Capacity asked for a process's output pipes (Linux's default is 64 KiB): a writer that
+/// runs ahead of the copy thread blocks less often, and the copy finds more to send at once.
+/// 1 MiB is the most an unprivileged process may ask for; the pages are allocated as data
+/// arrives, so an idle pipe costs nothing more.
+const OUT_PIPE_BYTES: i32 = 1 << 20;
 
 /// Failures preparing a process's standard streams.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +235,8 @@ impl PreparedIo {
             }
             let conn = registry.take(id, STREAM_WAIT)?;
             let (r, w) = pipe()?;
+            // Best effort: a pipe that cannot grow works at its default size.
+            let _ = nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETPIPE_SZ(OUT_PIPE_BYTES));
             outputs.push((r, conn));
             Ok(w)
         };
@@ -363,7 +374,7 @@ fn spawn_output(
 }
 
 fn copy_out(src: &OwnedFd, mut conn: Conn, drain: &Drain) {
-    let mut buf = vec![0u8; BUF_LEN];
+    let mut buf = vec![0u8; OUT_BUF_LEN];
     let mut host_gone = false;
     let mut last_data = Instant::now();
     loop {

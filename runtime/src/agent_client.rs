@@ -871,12 +871,18 @@ async fn copy_stdin(
     let _ = dst.shutdown().await;
 }
 
+/// Bytes one read from the guest's output stream may return (see `copy_output`).
+const OUTPUT_COPY_BYTES: usize = 256 * 1024;
+
 async fn copy_output(
     stream: &'static str,
-    mut src: tokio::io::ReadHalf<BoxStream>,
+    src: tokio::io::ReadHalf<BoxStream>,
     mut dst: Box<dyn AsyncWrite + Send + Unpin>,
 ) -> Result<u64, AgentClientError> {
-    let n = tokio::io::copy(&mut src, &mut dst)
+    // tokio's `copy` moves 8 KiB per read and write; a bulk stream then costs eight times the
+    // system calls and wake-ups of this buffer's size.
+    let mut src = tokio::io::BufReader::with_capacity(OUTPUT_COPY_BYTES, src);
+    let n = tokio::io::copy_buf(&mut src, &mut dst)
         .await
         .map_err(|source| AgentClientError::Copy { stream, source })?;
     dst.flush()

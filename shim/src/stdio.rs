@@ -181,7 +181,19 @@ fn open_fifo_writer(stream: &'static str, path: &Path) -> Result<Writer, StdioEr
             path: path.to_path_buf(),
             source,
         })?;
+    grow_pipe(&sender);
     Ok(Box::new(sender))
+}
+
+/// Capacity asked for the FIFOs the shim writes a process's output into: a bigger pipe lets
+/// each copy move more bytes per system call and wake the reader less often (64 KiB is
+/// Linux's default; 1 MiB is the most an unprivileged process may ask for).
+const FIFO_BYTES: i32 = 1 << 20;
+
+/// Best effort: a pipe that cannot grow (an administrator lowered `fs.pipe-max-size`) keeps
+/// working at its current size.
+fn grow_pipe(fd: &impl std::os::fd::AsFd) {
+    let _ = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(FIFO_BYTES));
 }
 
 fn open_file_writer(stream: &'static str, path: &Path) -> Result<Writer, StdioError> {
