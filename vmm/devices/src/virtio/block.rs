@@ -2,7 +2,8 @@
 //!
 //! One request queue. A request is a 16-byte header (type, reserved, sector), data buffers and a
 //! one-byte status the device writes last. Reads and writes go straight between guest memory
-//! and the backing file with `pread`/`pwrite` at the request's offset. Anything the driver gets
+//! and the backing file at the request's offset, one `preadv`/`pwritev` for all of a request's
+//! buffers (a system call per page-sized buffer made reads slow). Anything the driver gets
 //! wrong about a request (a range past the end of the disk, a length that is not a multiple of
 //! 512, a write to a read-only disk) is answered with `VIRTIO_BLK_S_IOERR`; an unknown request
 //! type with `VIRTIO_BLK_S_UNSUPP`. The capacity is the file size rounded down to 512 bytes.
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::chain::{Chain, pread_into, pwrite_from};
+use super::chain::{Chain, Direction, file_io_vectored};
 use super::worker::{DeviceQueue, Popped, Worker, is_ready, poll_fds, readable};
 use super::{
     ActivateContext, ActivateError, COMMON_FEATURES, DEVICE_TYPE_BLOCK, LogLimiter,
@@ -310,11 +311,8 @@ impl BlockWorker {
                 let Some(offset) = check_range(limiter, cap, sector, len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                let mut pos = offset;
-                let done = chain.writable.for_each_slice(mem, 0, len, |s| {
-                    let n = pread_full(&disk.file, s, pos)?;
-                    pos += n as u64;
-                    Ok(n)
+                let done = chain.writable.slices(mem, 0, len).and_then(|slices| {
+                    file_io_vectored(&disk.file, &slices, offset, Direction::FileToGuest)
                 });
                 match done {
                     Ok(n) if n == len as usize => (VIRTIO_BLK_S_OK, len),
@@ -335,12 +333,12 @@ impl BlockWorker {
                 let Some(offset) = check_range(limiter, cap, sector, len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                let mut pos = offset;
-                let done = chain.readable.for_each_slice(mem, HEADER_LEN, len, |s| {
-                    let n = pwrite_full(&disk.file, s, pos)?;
-                    pos += n as u64;
-                    Ok(n)
-                });
+                let done = chain
+                    .readable
+                    .slices(mem, HEADER_LEN, len)
+                    .and_then(|slices| {
+                        file_io_vectored(&disk.file, &slices, offset, Direction::GuestToFile)
+                    });
                 match done {
                     Ok(n) if n == len as usize => (VIRTIO_BLK_S_OK, 0),
                     Ok(_) | Err(_) => (VIRTIO_BLK_S_IOERR, 0),
@@ -403,46 +401,6 @@ fn check_range(
         );
     }
     ok
-}
-
-/// `pread` until the slice is full; a short read means the file shrank under us.
-fn pread_full(
-    file: &File,
-    slice: &vm_memory::VolatileSlice<'_>,
-    offset: u64,
-) -> std::io::Result<usize> {
-    let mut done = 0usize;
-    while done < slice.len() {
-        let rest = slice
-            .offset(done)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let n = pread_into(file, &rest, offset + done as u64)?;
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    Ok(done)
-}
-
-/// `pwrite` until the slice is written.
-fn pwrite_full(
-    file: &File,
-    slice: &vm_memory::VolatileSlice<'_>,
-    offset: u64,
-) -> std::io::Result<usize> {
-    let mut done = 0usize;
-    while done < slice.len() {
-        let rest = slice
-            .offset(done)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let n = pwrite_from(file, &rest, offset + done as u64)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n;
-    }
-    Ok(done)
 }
 
 #[cfg(test)]
