@@ -154,41 +154,63 @@ fn api_request(sock: &Path, method: &str, path: &str, body: &Value) -> anyhow::R
 }
 
 /// Memory of a process: total RSS and the RSS of its guest RAM mapping (the anonymous mapping
-/// closest in size to the guest memory, at least that large), in KiB.
+/// closest in size to the guest memory, at least that large), in KiB. Adjacent anonymous
+/// mappings with the same permissions count as one: squib-vmm advises parts of guest RAM
+/// differently (huge pages or not), which splits its one mapping into several.
 fn rss_kib(pid: u32, mem_mib: u32) -> anyhow::Result<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("reading /proc/{pid}/smaps"))?;
     let want_kib = u64::from(mem_mib) * 1024;
     let mut total = 0u64;
-    let mut best: Option<(u64, u64)> = None; // (size, rss) of the guest RAM candidate
-    let mut cur_size = 0u64;
-    let mut cur_anon = false;
+    // (start, end, perms, anonymous, rss KiB) of each mapping, in address order.
+    let mut maps: Vec<(u64, u64, String, bool, u64)> = Vec::new();
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         if first.contains('-') && !first.ends_with(':') {
             // A mapping header: "start-end perms offset dev inode [path]".
-            let path = words.nth(4);
-            cur_anon = path.is_none() || path.is_some_and(|p| p.starts_with("/memfd:"));
-            cur_size = 0;
+            let (a, b) = first.split_once('-').unwrap_or_default();
+            let perms = words.next().unwrap_or_default().to_owned();
+            let path = words.nth(3);
+            let anon = path.is_none() || path.is_some_and(|p| p.starts_with("/memfd:"));
+            let parse = |x: &str| u64::from_str_radix(x, 16).unwrap_or(0);
+            maps.push((parse(a), parse(b), perms, anon, 0));
             continue;
         }
-        let value = words
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        match first {
-            "Size:" => cur_size = value,
-            "Rss:" => {
-                total += value;
-                if cur_anon && cur_size >= want_kib && best.is_none_or(|(size, _)| cur_size < size)
-                {
-                    best = Some((cur_size, value));
-                }
+        if first == "Rss:" {
+            let value = words
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            total += value;
+            if let Some(last) = maps.last_mut() {
+                last.4 = value;
             }
-            _ => {}
         }
     }
+    let mut merged: Vec<(u64, u64, u64)> = Vec::new(); // (start, end, rss) of anonymous runs
+    let mut prev: Option<(u64, String)> = None; // (end, perms) of the last anonymous mapping
+    for (start, end, perms, anon, rss) in maps {
+        if !anon {
+            prev = None;
+            continue;
+        }
+        match (merged.last_mut(), &prev) {
+            (Some(run), Some((prev_end, prev_perms)))
+                if *prev_end == start && *prev_perms == perms =>
+            {
+                run.1 = end;
+                run.2 += rss;
+            }
+            _ => merged.push((start, end, rss)),
+        }
+        prev = Some((end, perms));
+    }
+    let best = merged
+        .iter()
+        .map(|&(start, end, rss)| ((end - start) / 1024, rss))
+        .filter(|&(size, _)| size >= want_kib)
+        .min_by_key(|&(size, _)| size);
     Ok((total, best.map_or(0, |(_, rss)| rss)))
 }
 
@@ -377,5 +399,36 @@ mod tests {
         assert!(guest < 64 * 1024 + 4, "guest rss {guest} KiB");
         assert!(total >= guest);
         drop(v);
+    }
+
+    #[test]
+    fn test_rss_kib_counts_a_guest_mapping_split_by_madvise_as_one() {
+        // squib-vmm advises parts of guest RAM differently, which splits the mapping: the
+        // touched 4 MiB at each end of a 64 MiB mapping are in different pieces.
+        let len: usize = 64 << 20;
+        // SAFETY: a fresh private anonymous mapping, unmapped below; nothing else uses it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p.cast::<u8>();
+        // SAFETY: the ranges are inside the mapping made above.
+        unsafe {
+            assert_eq!(libc::madvise(p, 16 << 20, libc::MADV_NOHUGEPAGE), 0);
+            for off in (0..4 << 20).chain((len - (4 << 20))..len).step_by(4096) {
+                base.add(off).write_volatile(1);
+            }
+        }
+        let (_, guest) = rss_kib(std::process::id(), 64).unwrap();
+        // SAFETY: unmaps exactly the mapping made above.
+        unsafe { libc::munmap(p, len) };
+        assert!(guest >= 8 * 1024, "guest rss {guest} KiB");
     }
 }
