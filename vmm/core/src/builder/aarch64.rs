@@ -137,17 +137,6 @@ pub fn build(
         .as_ref()
         .map(|bytes| u64::try_from(bytes.len()).unwrap_or(u64::MAX));
     let setup = arch::prepare_boot(&kernel, initrd_len, &shape)?;
-    let plan = &setup.plan;
-    memory::advise_page_sizes(
-        &guest_memory,
-        &memory::boot_dense_ranges(
-            plan.kernel_addr,
-            plan.kernel_end.saturating_sub(plan.kernel_addr),
-            plan.ram_end,
-            mem_size_bytes,
-            initrd_len.unwrap_or(0),
-        ),
-    );
     arch::load_boot_images(&guest_memory, &setup, &kernel, initrd.as_deref())?;
     info!(
         entry = setup.vcpu.entry,

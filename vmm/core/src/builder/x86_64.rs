@@ -19,9 +19,6 @@ use crate::memory;
 use crate::vcpu::{StopCallback, StopNotifier, VcpuContext, VcpuControl, VmStopReason};
 use crate::vm::MicroVm;
 
-/// Where x86_64 Linux kernels run from (CONFIG_PHYSICAL_START's default).
-const KERNEL_RUNS_AT: u64 = 16 << 20;
-
 /// Builds the microVM `config` describes on `hypervisor` and starts its vCPUs. `on_stop` is
 /// called once, from a vCPU thread, when the guest resets, powers off or a vCPU fails; the
 /// console is flushed before.
@@ -50,20 +47,6 @@ pub fn build(
 
     let vm = hypervisor.create_vm().map_err(hv_error("create the vm"))?;
     let guest_memory = memory::allocate(&layout::ram_regions(mem_size_bytes))?;
-    // Before anything is written. A vmlinux runs from 16 MiB (CONFIG_PHYSICAL_START's
-    // default) and takes less memory than its file; for a bzImage, or a kernel built to run
-    // elsewhere, the range is off and that kernel only boots a little slower.
-    let file_len = |path: &std::path::Path| std::fs::metadata(path).map_or(0, |m| m.len());
-    memory::advise_page_sizes(
-        &guest_memory,
-        &memory::boot_dense_ranges(
-            KERNEL_RUNS_AT,
-            file_len(boot.kernel_image_path()),
-            layout::low_ram_end(mem_size_bytes),
-            mem_size_bytes,
-            boot.initrd_path().map_or(0, file_len),
-        ),
-    );
     memory::map_into(vm.as_ref(), &guest_memory)?;
 
     let control = VcpuControl::new_paused();
