@@ -291,8 +291,7 @@ impl Segments {
     ///
     /// # Errors
     ///
-    /// A segment outside guest memory (before `f` is called); the first error of `f`, unless
-    /// some bytes were done before it (then the count).
+    /// The first error of `f`, unless some bytes were done before it (then the count).
     pub fn for_each_slice<F>(
         &self,
         mem: &GuestMemoryMmap,
@@ -303,19 +302,39 @@ impl Segments {
     where
         F: FnMut(&VolatileSlice<'_>) -> io::Result<usize>,
     {
+        let mut skip = offset;
+        let mut left = len;
         let mut done = 0usize;
-        for slice in self.slices(mem, offset, len)? {
-            let want = slice.len();
-            match f(&slice) {
-                Ok(n) => {
-                    done += n.min(want);
-                    if n < want {
+        for seg in &self.segs {
+            if left == 0 {
+                break;
+            }
+            if skip >= seg.len {
+                skip -= seg.len;
+                continue;
+            }
+            let take = (seg.len - skip).min(left);
+            let start = seg.gpa.unchecked_add(u64::from(skip));
+            skip = 0;
+            let slices = mem.get_slices(start, take as usize);
+            for slice in slices {
+                let slice = slice.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let want = slice.len();
+                match f(&slice) {
+                    Ok(n) => {
+                        done += n.min(want);
+                        if n < want {
+                            return Ok(done);
+                        }
+                    }
+                    Err(e) if done > 0 => {
+                        let _ = e;
                         return Ok(done);
                     }
+                    Err(e) => return Err(e),
                 }
-                Err(_) if done > 0 => return Ok(done),
-                Err(e) => return Err(e),
             }
+            left -= take;
         }
         Ok(done)
     }
