@@ -340,7 +340,8 @@ impl Segments {
     }
 
     /// The guest memory slices covering `len` bytes from byte `offset` of the list, in order
-    /// (fewer bytes when the list is shorter).
+    /// (fewer bytes when the list is shorter). The same walk as [`Self::for_each_slice`], which
+    /// stays a loop of its own: it runs for every vsock packet and builds no list.
     ///
     /// # Errors
     ///
