@@ -403,6 +403,14 @@ mod tests {
             .unwrap();
         client_out.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"pong");
+        // The output FIFOs were grown, so a bulk copy moves more per system call.
+        let size = nix::fcntl::fcntl(&client_out, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+        let max: i32 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(size >= FIFO_BYTES.min(max), "stdout FIFO capacity {size}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
