@@ -1128,6 +1128,11 @@ impl Task for TaskService {
             }
             return Err(ShimError::NotFound("process already finished".into()).into());
         }
+        // Known shortcoming: every signal goes through the agent, SIGKILL too. When the guest
+        // hangs (seen in the VM test host, 2026-12-05: the agent stopped answering mid-stream),
+        // the request times out and nothing stops the VM, so `ctr task kill -s SIGKILL` and
+        // `ctr task rm` keep failing until the guest recovers. SIGKILL of the init process with
+        // an unresponsive agent should power the VM off and report exit 137 instead.
         let (agent, id) = self.agent_and_id().await?;
         agent
             .signal_process(&id, &req.exec_id, req.signal, req.all)
