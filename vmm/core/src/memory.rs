@@ -56,7 +56,8 @@ pub enum MemoryError {
 /// (`MADV_NOHUGEPAGE`) gave those 4.6 MiB back but made every first touch of a guest page a
 /// fault of its own: under nested KVM the boot took 0.5 s longer, and with huge pages kept
 /// only for the kernel image and the top of RAM, reading 64 MiB in the guest ran at 0.12x the
-/// host instead of 0.87x and `ctr run` took 2.0x runc instead of 1.5x. Speed won; free page
+/// host instead of 0.42x and `ctr run` took 2.0x runc instead of 1.7x (`make bench`, same
+/// test host either way). Speed won; free page
 /// reporting (virtio-balloon) would be the way to return the difference without that cost.
 ///
 /// # Errors
