@@ -155,8 +155,9 @@ fn api_request(sock: &Path, method: &str, path: &str, body: &Value) -> anyhow::R
 
 /// Memory of a process: total RSS and the RSS of its guest RAM mapping (the anonymous mapping
 /// closest in size to the guest memory, at least that large), in KiB. Adjacent anonymous
-/// mappings with the same permissions count as one: squib-vmm advises parts of guest RAM
-/// differently (huge pages or not), which splits its one mapping into several.
+/// mappings with the same permissions count as one: a VMM that advises parts of guest RAM
+/// differently (huge pages or not, as squib-vmm did for a while) splits its one mapping into
+/// several.
 fn rss_kib(pid: u32, mem_mib: u32) -> anyhow::Result<(u64, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("reading /proc/{pid}/smaps"))?;
@@ -403,8 +404,8 @@ mod tests {
 
     #[test]
     fn test_rss_kib_counts_a_guest_mapping_split_by_madvise_as_one() {
-        // squib-vmm advises parts of guest RAM differently, which splits the mapping: the
-        // touched 4 MiB at each end of a 64 MiB mapping are in different pieces.
+        // A VMM that advises parts of guest RAM differently splits the mapping: the touched
+        // 4 MiB at each end of a 64 MiB mapping are in different pieces.
         let len: usize = 64 << 20;
         // SAFETY: a fresh private anonymous mapping, unmapped below; nothing else uses it.
         let p = unsafe {
