@@ -420,9 +420,7 @@ fn setup_root(rootfs: &Path, root: &RootSettings, ns: NamespaceSet) -> Result<()
     if dev_is_tmpfs {
         default_devices(rootfs)?;
     }
-    for d in &root.devices {
-        make_device(rootfs, d)?;
-    }
+    make_devices(rootfs, &root.devices)?;
     if ns.uts
         && let Some(h) = &root.hostname
     {
@@ -506,6 +504,23 @@ fn default_devices(rootfs: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Makes the spec's device nodes, as runc does: `/dev/ptmx` is left out (it is the symlink to
+/// the container's own devpts, made with the default devices; the host's ptmx, which
+/// `ctr run --privileged` lists, would otherwise resolve through it to the devpts instance's
+/// own node), and a node that already exists and cannot be replaced is kept.
+fn make_devices(rootfs: &Path, devices: &[crate::spec::DeviceSetting]) -> Result<(), Failure> {
+    for d in devices {
+        if Path::new(&d.path)
+            .components()
+            .eq(Path::new("/dev/ptmx").components())
+        {
+            continue;
+        }
+        make_device(rootfs, d)?;
+    }
+    Ok(())
+}
+
 fn make_device(rootfs: &Path, d: &crate::spec::DeviceSetting) -> Result<(), Failure> {
     let path = resolve_in_root(rootfs, &d.path);
     if let Some(parent) = path.parent() {
@@ -520,8 +535,11 @@ fn make_device(rootfs: &Path, d: &crate::spec::DeviceSetting) -> Result<(), Fail
     };
     let _ = fs::remove_file(&path);
     let dev = nix::sys::stat::makedev(d.major, d.minor);
-    nix::sys::stat::mknod(&path, kind, Mode::from_bits_truncate(d.mode & 0o7777), dev)
-        .map_err(|e| Failure::errno(format!("mknod {}", d.path), e))?;
+    match nix::sys::stat::mknod(&path, kind, Mode::from_bits_truncate(d.mode & 0o7777), dev) {
+        // Something that could not be removed is there (a mount point, a directory).
+        Err(Errno::EEXIST) => return Ok(()),
+        r => r.map_err(|e| Failure::errno(format!("mknod {}", d.path), e))?,
+    }
     fs::set_permissions(&path, fs::Permissions::from_mode(d.mode & 0o7777))
         .map_err(|e| Failure::new(format!("chmod {}: {e}", d.path)))?;
     nix::unistd::chown(
@@ -876,6 +894,43 @@ mod tests {
         assert_eq!(resolve_in_root(&dir, "/rel/x"), dir.join("real/x"));
         assert_eq!(resolve_in_root(&dir, "/../../a/./b"), dir.join("a/b"));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_make_devices_leaves_ptmx_alone_and_keeps_what_cannot_be_replaced() {
+        let root = std::env::temp_dir().join(format!("squib-devs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("dev/pts")).unwrap();
+        fs::create_dir_all(root.join("dev/busy")).unwrap();
+        std::os::unix::fs::symlink("pts/ptmx", root.join("dev/ptmx")).unwrap();
+        let dev = |path: &str, major, minor| crate::spec::DeviceSetting {
+            kind: "c".to_owned(),
+            path: path.to_owned(),
+            major,
+            minor,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
+        };
+        let devices = [
+            dev("/dev/ptmx", 5, 2),
+            dev("//dev/./ptmx", 5, 2),
+            dev("/dev/busy", 1, 3),
+            dev("/dev/null", 1, 3),
+        ];
+        let made = make_devices(&root, &devices);
+        let ptmx = fs::read_link(root.join("dev/ptmx"));
+        let pts_empty = fs::read_dir(root.join("dev/pts")).unwrap().next().is_none();
+        let busy_is_dir = root.join("dev/busy").is_dir();
+        let null = fs::symlink_metadata(root.join("dev/null")).map(|m| m.file_type());
+        fs::remove_dir_all(&root).unwrap();
+        assert!(made.is_ok(), "{:?}", made.err().map(|f| f.message));
+        assert_eq!(ptmx.unwrap(), Path::new("pts/ptmx"));
+        assert!(pts_empty, "a node was made through the ptmx symlink");
+        assert!(busy_is_dir);
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+            &null.unwrap()
+        ));
     }
 
     #[test]
