@@ -10,8 +10,9 @@
 //! `created` with its pid and start time, and reports readiness to `create` through an
 //! inherited pipe: one line, `ok` or `error <text>`.
 //!
-//! It then serves a line protocol on `<state>/monitor.sock` (`start`, `pause`, `resume`; each
-//! answered `ok` or `error <text>`) and the Firecracker-compatible API on `<state>/api.sock`
+//! It then serves a line protocol on `<state>/monitor.sock` (`start`, `pause`, `resume`,
+//! `poweroff`; each answered `ok` or `error <text>`; `poweroff` stops the VM at once without
+//! asking the guest and records exit status 137, for a SIGKILL the agent cannot take) and the Firecracker-compatible API on `<state>/api.sock`
 //! (the same controller). When the container's init exits it records `stopped` with the exit
 //! status, shuts the VM down, removes its sockets and exits. SIGTERM or SIGINT stop the VM
 //! the same way; in the foreground (`run`) they are forwarded to the container's init instead.
@@ -49,6 +50,8 @@ const SIGTERM: u32 = 15;
 const SIGINT: u32 = 2;
 /// The exit status recorded when the VM ended before the container's init reported an exit.
 const VM_LOST_STATUS: i32 = 255;
+/// The exit status recorded when the VM was powered off to carry out a SIGKILL (128 + 9).
+const POWERED_OFF_STATUS: i32 = 137;
 
 /// The hidden `monitor` subcommand's arguments.
 #[derive(Debug, clap::Args)]
@@ -269,7 +272,7 @@ impl Booted {
         let (control, api) = match bound {
             Ok(l) => l,
             Err(e) => {
-                self.finish(ctx, None).await;
+                self.finish(ctx, None, true).await;
                 return Err(e);
             }
         };
@@ -293,13 +296,14 @@ impl Booted {
 
         if autostart && let Err(e) = self.start().await {
             let _ = api_stop.send(());
-            self.finish(ctx, None).await;
+            self.finish(ctx, None, true).await;
             return Err(e);
         }
         if let Some(mut pipe) = ready {
             pipe.write_all(b"ok\n").context("reporting readiness")?;
         }
 
+        let mut powered_off = None;
         let status = loop {
             tokio::select! {
                 exit = &mut exit_rx => {
@@ -313,8 +317,11 @@ impl Booted {
                     };
                 }
                 accepted = control.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        self.handle(ctx, stream).await;
+                    if let Ok((stream, _)) = accepted
+                        && let Handled::PowerOff(reply) = self.handle(ctx, stream).await
+                    {
+                        powered_off = Some(reply);
+                        break POWERED_OFF_STATUS;
                     }
                 }
                 // In the foreground (`run`) the caller's signals go to the container, as
@@ -339,19 +346,29 @@ impl Booted {
         };
         let _ = api_stop.send(());
         drop(control);
-        self.finish(ctx, Some(status)).await;
+        self.finish(ctx, Some(status), powered_off.is_none()).await;
+        if let Some(mut reply) = powered_off {
+            let _ = reply.write_all(b"ok\n").await;
+        }
         Ok(status)
     }
 
-    /// Records `stopped`, stops the VM and removes the monitor's sockets.
-    async fn finish(self, ctx: &Context, status: Option<i32>) {
+    /// Records `stopped`, stops the VM (`graceful`: letting the guest power off first) and
+    /// removes the monitor's sockets.
+    async fn finish(self, ctx: &Context, status: Option<i32>, graceful: bool) {
         let mut state = self.state;
         state.status = Status::Stopped;
         state.exit_status = status.or(Some(VM_LOST_STATUS));
         // The container may have been deleted under us (delete --force); nothing to record.
         let _ = ctx.root.save(&state);
         tracing::info!(container_id = %self.id, exit_status = ?state.exit_status, "container stopped");
-        let _ = self.sandbox.shutdown(SHUTDOWN_GRACE).await;
+        if graceful {
+            let _ = self.sandbox.shutdown(SHUTDOWN_GRACE).await;
+        } else {
+            tracing::warn!(container_id = %self.id, "powering the microVM off");
+            let sandbox = self.sandbox;
+            let _ = tokio::task::spawn_blocking(move || sandbox.power_off()).await;
+        }
         for name in [MONITOR_SOCKET, API_SOCKET] {
             let _ = std::fs::remove_file(self.dir.join(name));
         }
@@ -413,7 +430,7 @@ impl Booted {
         }
     }
 
-    async fn handle(&mut self, _ctx: &Context, stream: UnixStream) {
+    async fn handle(&mut self, _ctx: &Context, stream: UnixStream) -> Handled {
         let (read, mut write) = stream.into_split();
         let mut line = String::new();
         let read = tokio::time::timeout(
@@ -422,9 +439,11 @@ impl Booted {
         )
         .await;
         if !matches!(read, Ok(Ok(n)) if n > 0) {
-            return;
+            return Handled::Done;
         }
         let result = match line.trim() {
+            // Answered once the VM is off (see `serve`).
+            "poweroff" => return Handled::PowerOff(write),
             "start" => self.start().await,
             "pause" => self.pause(true).await,
             "resume" => self.pause(false).await,
@@ -435,7 +454,16 @@ impl Booted {
             Err(e) => format!("error {}\n", one_line(&format!("{e:#}"))),
         };
         let _ = write.write_all(reply.as_bytes()).await;
+        Handled::Done
     }
+}
+
+/// What became of one request on the monitor socket.
+enum Handled {
+    /// Answered.
+    Done,
+    /// `poweroff`: to be answered on this stream once the VM is off.
+    PowerOff(tokio::net::unix::OwnedWriteHalf),
 }
 
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {

@@ -238,6 +238,12 @@ impl Sandbox {
         reason
     }
 
+    /// Stops the VM at once, without asking the guest, and releases everything: for a guest
+    /// that no longer answers. Blocks until the vCPU threads have ended.
+    pub fn power_off(mut self) {
+        self.release();
+    }
+
     fn release(&mut self) {
         self.controller.take();
         if let Some(event_loop) = self.event_loop.take()

@@ -239,6 +239,7 @@ async fn serve_async(flags: &Flags) -> anyhow::Result<()> {
         () = exit.wait() => {}
         _ = term.recv() => log::info!("SIGTERM: stopping"),
     }
+    service.settled(Duration::from_secs(10)).await;
     service.release().await;
     let _ = server.shutdown().await;
     let _ = std::fs::remove_file(&path);

@@ -59,6 +59,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const BOOT_SLACK: Duration = Duration::from_secs(15);
 /// How long a failed create waits to learn whether the guest stopped under it.
 const STOP_REPORT_WAIT: Duration = Duration::from_millis(500);
+/// How long the agent may take to take a SIGKILL of the init process before the VM is powered
+/// off instead.
+const KILL_ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// How long the init process may take to be reported dead after the agent took its SIGKILL
+/// before the VM is powered off.
+const KILL_EXIT_WAIT: Duration = Duration::from_secs(30);
+/// Linux's SIGKILL.
+const SIGKILL: u32 = 9;
+/// Exit status of a process ended by SIGKILL (128 + 9), as runc reports it.
+const KILLED_EXIT_STATUS: u32 = 137;
 
 /// Logs the end of a guest's console: the log itself goes with the bundle.
 fn log_console_tail(container_id: &str, console: &Path) {
@@ -225,6 +235,9 @@ struct Process {
     phase: std::sync::Mutex<Phase>,
     exit_tx: watch::Sender<Option<Exit>>,
     stdin: std::sync::Mutex<Option<StdinCloser>>,
+    /// Set when the VM was powered off to carry out a SIGKILL: the process's lost connection
+    /// is then that SIGKILL, not a vanished guest.
+    powered_off: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Process {
@@ -247,6 +260,7 @@ impl Process {
             phase: std::sync::Mutex::new(Phase::Created),
             exit_tx: watch::channel(None).0,
             stdin: std::sync::Mutex::new(None),
+            powered_off: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -290,12 +304,34 @@ impl Process {
     }
 }
 
+/// The VM, shared with the task that may have to power it off to carry out a SIGKILL.
+type SharedSandbox = Arc<std::sync::Mutex<Option<Sandbox>>>;
+
+/// Powers the VM off at once (no request to the agent), after marking `procs` as ended by
+/// SIGKILL so that their waiters report 137 for the connections this drops.
+async fn power_off(container_id: &str, sandbox: &SharedSandbox, procs: &[Arc<Process>], why: &str) {
+    for p in procs {
+        p.powered_off
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let Some(sandbox) = sandbox.lock().ok().and_then(|mut s| s.take()) else {
+        return;
+    };
+    tracing::warn!(
+        container_id,
+        why,
+        "powering the microVM off to carry out a SIGKILL"
+    );
+    log_console_tail(container_id, sandbox.console_log());
+    let _ = tokio::task::spawn_blocking(move || sandbox.power_off()).await;
+}
+
 /// The container this shim serves.
 struct Container {
     id: String,
     bundle: PathBuf,
     agent: AgentClient,
-    sandbox: Option<Sandbox>,
+    sandbox: SharedSandbox,
     vm_mem_mib: u64,
     vm_vcpus: u64,
     init: Arc<Process>,
@@ -327,6 +363,24 @@ pub struct TaskService {
     creating: std::sync::Mutex<Option<(String, String)>>,
     /// Set once the init process was deleted: the shim may then exit.
     deleted: std::sync::atomic::AtomicBool,
+    /// Requests whose answer must go out before the shim exits (see [`TaskService::settled`]).
+    in_flight: watch::Sender<usize>,
+}
+
+/// Counts a request in [`TaskService::in_flight`] while it lives.
+struct InFlight<'a>(&'a watch::Sender<usize>);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a watch::Sender<usize>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl std::fmt::Debug for TaskService {
@@ -458,6 +512,7 @@ impl TaskService {
             create_lock: Mutex::new(()),
             creating: std::sync::Mutex::new(None),
             deleted: std::sync::atomic::AtomicBool::new(false),
+            in_flight: watch::channel(0).0,
         }
     }
 
@@ -522,6 +577,9 @@ impl TaskService {
         tokio::spawn(async move {
             let status = match io.wait(&agent).await {
                 Ok(s) => u32::try_from(s).unwrap_or(LOST_EXIT_STATUS),
+                Err(_) if proc_.powered_off.load(std::sync::atomic::Ordering::SeqCst) => {
+                    KILLED_EXIT_STATUS
+                }
                 Err(e) => {
                     tracing::error!(
                         container_id = %container_id,
@@ -774,7 +832,7 @@ impl TaskService {
             id: req.id.clone(),
             bundle,
             agent,
-            sandbox: Some(sandbox),
+            sandbox: Arc::new(std::sync::Mutex::new(Some(sandbox))),
             vm_mem_mib,
             vm_vcpus,
             init,
@@ -898,7 +956,7 @@ impl TaskService {
                 "cannot delete container {id} that is not stopped: running"
             )));
         }
-        let Some(mut c) = self.container.lock().await.take() else {
+        let Some(c) = self.container.lock().await.take() else {
             return Err(ShimError::NotFound("container does not exist".into()));
         };
         if init.exit().is_none() {
@@ -915,7 +973,8 @@ impl TaskService {
         if let Err(e) = c.agent.remove_container(&c.id).await {
             tracing::debug!(container_id = %c.id, error = %e, "agent remove failed");
         }
-        if let Some(sandbox) = c.sandbox.take() {
+        let sandbox = c.sandbox.lock().ok().and_then(|mut s| s.take());
+        if let Some(sandbox) = sandbox {
             sandbox.shutdown(SHUTDOWN_GRACE).await;
         }
         let _ = std::fs::remove_file(c.bundle.join(CLEANUP_FILE));
@@ -936,10 +995,81 @@ impl TaskService {
         Ok((init.pid(), exit))
     }
 
+    /// SIGKILL of the init process: it ends the container whatever the guest does. The agent
+    /// gets the signal first, so output written before it still arrives; a guest that does not
+    /// take it within [`KILL_ANSWER_WAIT`] (hung, or its agent starved), or does not report the
+    /// exit within [`KILL_EXIT_WAIT`] after taking it, is powered off, and every process of the
+    /// container is reported as ended by SIGKILL (137).
+    async fn kill_init(&self, all: bool) -> Result<Empty, ShimError> {
+        let (agent, id, sandbox, procs) = {
+            let guard = self.container.lock().await;
+            let c = guard
+                .as_ref()
+                .ok_or_else(|| ShimError::NotFound("container does not exist".into()))?;
+            let procs: Vec<Arc<Process>> = std::iter::once(&c.init)
+                .chain(c.execs.values())
+                .cloned()
+                .collect();
+            (c.agent.clone(), c.id.clone(), c.sandbox.clone(), procs)
+        };
+        let answer = tokio::time::timeout(
+            KILL_ANSWER_WAIT,
+            agent.signal_process(&id, "", SIGKILL, all),
+        )
+        .await;
+        match answer {
+            Ok(Ok(())) => {
+                let init = procs.first().cloned();
+                tokio::spawn(async move {
+                    let Some(init) = init else { return };
+                    if tokio::time::timeout(KILL_EXIT_WAIT, init.wait())
+                        .await
+                        .is_err()
+                    {
+                        let why = "the guest took the SIGKILL but did not report the exit";
+                        power_off(&id, &sandbox, &procs, why).await;
+                    }
+                });
+            }
+            // The agent answered: the process is unknown or already gone.
+            Ok(Err(e @ (AgentClientError::Rpc { .. } | AgentClientError::StartFailed { .. }))) => {
+                return Err(ShimError::from_agent("signalling the process", e));
+            }
+            Ok(Err(e)) => {
+                let why = ShimError::chain("the guest agent did not take the SIGKILL", &e);
+                tokio::spawn(async move { power_off(&id, &sandbox, &procs, &why).await });
+            }
+            Err(_) => {
+                let why = format!(
+                    "the guest agent did not answer the SIGKILL within {} s",
+                    KILL_ANSWER_WAIT.as_secs()
+                );
+                tokio::spawn(async move { power_off(&id, &sandbox, &procs, &why).await });
+            }
+        }
+        // The VM is powered off after this answer is on its way, as runc's kill returns before
+        // the process is reaped.
+        Ok(Empty::new())
+    }
+
+    /// Waits up to `limit` for the requests counted in `in_flight` to be answered. A `Kill` can
+    /// outlive its container: the exit it causes lets `ctr run --rm` delete the task and have the
+    /// shim shut down while the `Kill` itself has not been answered yet, and the caller would
+    /// then see its connection closed instead of the answer.
+    pub async fn settled(&self, limit: Duration) {
+        let mut rx = self.in_flight.subscribe();
+        if *rx.borrow() == 0 {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+        // The answer is queued once the handler returns; give the connection a moment to send it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     /// Stops the VM if one still runs (the shim is exiting without a delete).
     pub async fn release(&self) {
-        if let Some(mut c) = self.container.lock().await.take()
-            && let Some(sandbox) = c.sandbox.take()
+        if let Some(c) = self.container.lock().await.take()
+            && let Some(sandbox) = c.sandbox.lock().ok().and_then(|mut s| s.take())
         {
             sandbox.shutdown(Duration::from_secs(2)).await;
             let _ = std::fs::remove_file(c.bundle.join(CLEANUP_FILE));
@@ -1121,6 +1251,7 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<Empty> {
+        let _in_flight = InFlight::enter(&self.in_flight);
         let p = self.process(&req.exec_id).await?;
         if p.exit().is_some() {
             if req.all {
@@ -1128,11 +1259,9 @@ impl Task for TaskService {
             }
             return Err(ShimError::NotFound("process already finished".into()).into());
         }
-        // Known shortcoming: every signal goes through the agent, SIGKILL too. When the guest
-        // hangs (seen in the VM test host, 2026-12-05: the agent stopped answering mid-stream),
-        // the request times out and nothing stops the VM, so `ctr task kill -s SIGKILL` and
-        // `ctr task rm` keep failing until the guest recovers. SIGKILL of the init process with
-        // an unresponsive agent should power the VM off and report exit 137 instead.
+        if req.signal == SIGKILL && req.exec_id.is_empty() {
+            return self.kill_init(req.all).await.map_err(Into::into);
+        }
         let (agent, id) = self.agent_and_id().await?;
         agent
             .signal_process(&id, &req.exec_id, req.signal, req.all)

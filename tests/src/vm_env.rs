@@ -140,3 +140,20 @@ pub fn make_initramfs(out: &Path, extra_dir: Option<&Path>) -> Result<(), VmEnvE
         )))
     }
 }
+
+/// A shell command line for a container to hang its own guest for good, as a guest that stops
+/// answering does, and the console line that says it did ([`HANG_GUEST_MARK`]).
+///
+/// The container must be allowed to write to `/proc/sys` and `/proc/sysrq-trigger` (privileged,
+/// or a spec without `readonlyPaths`). The guest kernel is told to stay in its panic loop
+/// (`kernel.panic = 0`) and to print nothing on the console (`kernel.printk = 0`: squib-vmm
+/// stops a VM whose console shows the end of a panic), then crashed through sysrq: the vCPU
+/// spins in the panic loop, and the agent never answers again. If any step fails the command
+/// prints `alive` and exits 0.
+pub const HANG_GUEST_SCRIPT: &str = concat!(
+    "echo 0 > /proc/sys/kernel/panic && echo 0 > /proc/sys/kernel/printk",
+    " && echo c > /proc/sysrq-trigger; echo alive"
+);
+
+/// What the guest console shows once [`HANG_GUEST_SCRIPT`] crashed the guest.
+pub const HANG_GUEST_MARK: &str = "sysrq: Trigger a crash";

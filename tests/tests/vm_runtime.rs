@@ -327,6 +327,33 @@ mod tests {
             w.assert_gone(id);
         }
 
+        // SIGKILL of a container whose guest hangs: the agent cannot take it, so the monitor
+        // powers the VM off and 137 is reported. The container hangs its own guest (see
+        // `vm_env::HANG_GUEST_SCRIPT`; this spec has no readonlyPaths).
+        let b = w.bundle("hang", &["sh", "-c", vm_env::HANG_GUEST_SCRIPT], |_| {});
+        let out_path = w.dir.join("hung.out");
+        let mut child = w
+            .cmd()
+            .args(["run", "-b", b.to_str().unwrap(), "hung"])
+            .stdin(Stdio::null())
+            .stdout(File::create(&out_path).unwrap())
+            .stderr(File::create(w.dir.join("hung.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let console = w.root.join("hung").join("console.log");
+        let deadline = Instant::now() + SLOW;
+        while !text(&std::fs::read(&console).unwrap_or_default()).contains(vm_env::HANG_GUEST_MARK)
+        {
+            assert!(Instant::now() < deadline, "the guest of hung never crashed");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let killed = w.run(&["kill", "hung", "KILL"]);
+        assert_eq!(code(&killed), Some(0), "{}", text(&killed.stderr));
+        let st = wait(&mut child, SLOW);
+        assert_eq!(st.code(), Some(137));
+        assert_eq!(std::fs::read_to_string(&out_path).unwrap(), "");
+        w.assert_gone("hung");
+
         // c08 C: PID 1 cannot SIGKILL itself from inside its namespace.
         let b = w.bundle(
             "selfkill",

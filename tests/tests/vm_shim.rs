@@ -4,9 +4,9 @@
 //! PATH and a locally built busybox image imported; each case is a `ctr` command line and its
 //! expected output, taken from the cases of other runtimes' bugs where one applies (c01, c02,
 //! c04, c05, c08), plus the shim's own failure paths: ten containers at once, a SIGKILLed shim,
-//! a containerd restart under a running container, and a Debian minbase image. The cases run one
-//! after another and the test fails listing those that failed, so one broken case does not hide
-//! the others. The harness is `shim_harness`.
+//! a SIGKILL of a container whose guest hangs, a containerd restart under a running container,
+//! and a Debian minbase image. The cases run one after another and the test fails listing those
+//! that failed, so one broken case does not hide the others. The harness is `shim_harness`.
 
 // Everything here is test code: the helpers may unwrap like the tests they serve.
 #![cfg(test)]
@@ -281,6 +281,82 @@ fn case_kill(c: &Containerd) -> CaseResult {
         "c02b: status {code:?}, stdout {stdout:?}, stderr {stderr:?}"
     );
     Ok(())
+}
+
+/// The last lines of a guest console log, for a failure message.
+fn console_end(path: &std::path::Path) -> String {
+    let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// SIGKILL of a container whose guest hangs: the agent cannot take the signal, so the shim must
+/// power the VM off, report 137, and leave nothing behind. The container hangs its own guest on
+/// purpose (a privileged container may: it is its own VM; see `vm_env::HANG_GUEST_SCRIPT`),
+/// which leaves the vCPU spinning in the kernel's panic loop and the agent silent, like the
+/// hangs `make bench` met in the VM test host.
+fn case_hung_guest_sigkill(c: &Containerd) -> CaseResult {
+    let id = "hung";
+    let before_mounts = mounts();
+    let child: Child = c
+        .run_command(
+            IMAGE,
+            &["--privileged"],
+            id,
+            &["sh", "-c", vm_env::HANG_GUEST_SCRIPT],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Some(child);
+    let result = (|| {
+        let console = bundle_dir(c, id).join("console.log");
+        let deadline = Instant::now() + CMD_TIMEOUT;
+        let mut hung = false;
+        while !hung && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            let log = std::fs::read(&console).unwrap_or_default();
+            hung = String::from_utf8_lossy(&log).contains(vm_env::HANG_GUEST_MARK);
+            if !hung
+                && child
+                    .as_mut()
+                    .is_some_and(|ch| ch.try_wait().ok().flatten().is_some())
+            {
+                let out = child
+                    .take()
+                    .and_then(|ch| wait_child(ch, Duration::from_secs(5)));
+                return Err(format!(
+                    "ctr run {id} ended before its guest crashed: {out:?}"
+                ));
+            }
+        }
+        check!(
+            hung,
+            "the guest of {id} never crashed; its console ends: {}",
+            console_end(&console)
+        );
+        let killed = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        check!(
+            killed.status.success(),
+            "ctr task kill -s SIGKILL {id} with a hung guest: {}",
+            describe(&killed)
+        );
+        Ok(())
+    })();
+    let out = child.and_then(|ch| wait_child(ch, Duration::from_secs(120)));
+    let result = result.and_then(|()| match &out {
+        Some((code, stdout, stderr)) => {
+            check!(
+                *code == Some(137) && !stdout.contains("alive"),
+                "ctr run {id}: status {code:?}, stdout {stdout:?}, stderr {stderr:?}; want 137"
+            );
+            Ok(())
+        }
+        None => Err(format!("ctr run {id} did not end after the SIGKILL")),
+    });
+    settle(c, &before_mounts, &[id], result)
 }
 
 fn case_exec(c: &Containerd) -> CaseResult {
@@ -798,6 +874,7 @@ fn test_shim_runs_containers_through_containerd() {
         ("c01_exec_failures", case_c01_exec_failures),
         ("delete_leaves_nothing", case_delete_leaves_nothing),
         ("kill", case_kill),
+        ("hung_guest_sigkill", case_hung_guest_sigkill),
         ("exec_stdin_metrics_pause", case_exec),
         ("large_output", case_large_output),
         ("terminal", case_terminal),

@@ -1,6 +1,11 @@
 //! `squib kill`: sends a signal to the container's init (or, with `--all`, to every process
-//! of the container) through the guest agent.
+//! of the container) through the guest agent. A SIGKILL the agent does not take within
+//! [`KILL_ANSWER_WAIT`] (a hung guest) has the monitor power the VM off instead, which ends
+//! every process of the container; the container is then recorded stopped with status 137.
 
+use std::time::Duration;
+
+use anyhow::Context as _;
 use squib_runtime::state::Status;
 
 use super::{Context, connect_agent, runtime};
@@ -54,6 +59,10 @@ const SIGNALS: &[(&str, u32)] = &[
     ("PWR", 30),
     ("SYS", 31),
 ];
+/// How long the agent may take to take a SIGKILL before the VM is powered off instead.
+pub const KILL_ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// SIGKILL's number.
+const SIGKILL: u32 = 9;
 /// The highest real-time signal number.
 const SIGRTMAX: u32 = 64;
 /// The lowest real-time signal number user programs may use.
@@ -120,25 +129,59 @@ pub fn run(ctx: &Context, args: &KillArgs) -> anyhow::Result<u8> {
         Status::Stopped | Status::Creating if args.all => return Ok(0),
         Status::Stopped | Status::Creating => anyhow::bail!("container not running"),
     }
-    runtime()?.block_on(async {
-        let agent = connect_agent(ctx, &state.id).await?;
-        match agent
-            .signal_process(state.id.as_str(), "", signal, args.all)
+    let sent = runtime()?.block_on(async {
+        let send = async {
+            let agent = connect_agent(ctx, &state.id).await?;
+            agent
+                .signal_process(state.id.as_str(), "", signal, args.all)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        if signal != SIGKILL {
+            return send.await;
+        }
+        tokio::time::timeout(KILL_ANSWER_WAIT, send)
             .await
-        {
-            Ok(()) => Ok(0),
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the guest agent did not answer within {} s",
+                    KILL_ANSWER_WAIT.as_secs()
+                ))
+            })
+    });
+    let agent_answered = |e: &anyhow::Error| {
+        matches!(
+            e.downcast_ref(),
+            Some(squib_runtime::agent_client::AgentClientError::Rpc { .. })
+        )
+    };
+    match sent {
+        Ok(()) => Ok(0),
+        Err(e) if signal == SIGKILL && !agent_answered(&e) => {
+            tracing::warn!(
+                container_id = %state.id,
+                error = %format!("{e:#}"),
+                "powering the microVM off to carry out a SIGKILL"
+            );
+            ctx.control(&state.id, "poweroff").with_context(|| {
+                format!("powering the microVM off after the SIGKILL failed ({e:#})")
+            })?;
+            Ok(0)
+        }
+        Err(e) => match e.downcast::<squib_runtime::agent_client::AgentClientError>() {
             // The process exited between the state check and the signal.
-            Err(squib_runtime::agent_client::AgentClientError::Rpc {
+            Ok(squib_runtime::agent_client::AgentClientError::Rpc {
                 code: squib_agent_protocol::ttrpc::Code::NOT_FOUND,
                 ..
             }) if !args.all => anyhow::bail!("container not running"),
-            Err(squib_runtime::agent_client::AgentClientError::Rpc {
+            Ok(squib_runtime::agent_client::AgentClientError::Rpc {
                 code: squib_agent_protocol::ttrpc::Code::NOT_FOUND,
                 ..
             }) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
-    })
+            Ok(e) => Err(e.into()),
+            Err(e) => Err(e),
+        },
+    }
 }
 
 #[cfg(test)]
