@@ -330,10 +330,15 @@ fn collect(dir: &Path) -> anyhow::Result<BTreeMap<String, Collected>> {
             continue;
         };
         let c = out.entry(id.to_owned()).or_default();
+        // A section that a fresh L1 runs again after the first died writes its notes again.
         if let Some(r) = s.get("not_measured").and_then(Value::as_str) {
-            c.not_measured.push(r.to_owned());
+            if !c.not_measured.iter().any(|x| x == r) {
+                c.not_measured.push(r.to_owned());
+            }
         } else if let Some(n) = s.get("note").and_then(Value::as_str) {
-            c.notes.push(n.to_owned());
+            if !c.notes.iter().any(|x| x == n) {
+                c.notes.push(n.to_owned());
+            }
         } else if let Some(x) = f(&s, "value") {
             match s.get("who").and_then(Value::as_str) {
                 Some("squib") => c.squib.push(x),
@@ -475,6 +480,26 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_collect_keeps_one_copy_of_a_repeated_note() {
+        let dir = std::env::temp_dir().join(format!("squib-bench-notes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines = [
+            json!({"metric": "stdout_ctr", "note": "64 MiB"}),
+            json!({"metric": "stdout_ctr", "note": "64 MiB"}),
+            json!({"metric": "stdout_ctr", "note": "other"}),
+            json!({"metric": "stdout_ctr", "who": "squib", "value": 1.0}),
+            json!({"metric": "stdout_ctr", "who": "squib", "value": 1.0}),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(dir.join("samples.jsonl"), text).unwrap();
+        let out = collect(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let c = &out["stdout_ctr"];
+        assert_eq!(c.notes, ["64 MiB", "other"]);
+        assert_eq!(c.squib, [1.0, 1.0]);
+    }
 
     #[test]
     fn test_stats_median_of_even_and_odd_counts() {
