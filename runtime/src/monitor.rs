@@ -12,10 +12,11 @@
 //!
 //! It then serves a line protocol on `<state>/monitor.sock` (`start`, `pause`, `resume`,
 //! `poweroff`; each answered `ok` or `error <text>`; `poweroff` stops the VM at once without
-//! asking the guest and records exit status 137, for a SIGKILL the agent cannot take) and the Firecracker-compatible API on `<state>/api.sock`
-//! (the same controller). When the container's init exits it records `stopped` with the exit
-//! status, shuts the VM down, removes its sockets and exits. SIGTERM or SIGINT stop the VM
-//! the same way; in the foreground (`run`) they are forwarded to the container's init instead.
+//! asking the guest and records exit status 137, for a SIGKILL the agent cannot take) and the
+//! Firecracker-compatible API on `<state>/api.sock` (the same controller). When the container's
+//! init exits it records `stopped` with the exit status, shuts the VM down, removes its sockets
+//! and exits. SIGTERM or SIGINT stop the VM the same way; in the foreground (`run`) they are
+//! forwarded to the container's init instead.
 
 use std::fs::File;
 use std::io::Write as _;
