@@ -23,6 +23,10 @@ use crate::plan::VmPlan;
 /// nested emulation a guest takes seconds to reach its init.
 pub const DEFAULT_AGENT_DEADLINE: Duration = Duration::from_secs(120);
 
+/// How long the agent may take to take a SIGKILL of a container's init before the shim, or
+/// `squib kill`, powers the VM off instead (a guest that hangs never takes it).
+pub const KILL_ANSWER_WAIT: Duration = Duration::from_secs(10);
+
 /// A failure to boot or reach a sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {

@@ -38,7 +38,7 @@ use squib_runtime::agent_client::{
 use squib_runtime::mounts::{RootMount, RootSource};
 use squib_runtime::plan::{HostLimits, VmPlan};
 use squib_runtime::rootfs::ImageCache;
-use squib_runtime::sandbox::{Sandbox, SandboxConfig};
+use squib_runtime::sandbox::{KILL_ANSWER_WAIT, Sandbox, SandboxConfig};
 use tokio::sync::{Mutex, watch};
 
 use crate::closable::{ClosableReader, StdinCloser};
@@ -59,9 +59,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const BOOT_SLACK: Duration = Duration::from_secs(15);
 /// How long a failed create waits to learn whether the guest stopped under it.
 const STOP_REPORT_WAIT: Duration = Duration::from_millis(500);
-/// How long the agent may take to take a SIGKILL of the init process before the VM is powered
-/// off instead.
-const KILL_ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// How long the init process may take to be reported dead after the agent took its SIGKILL
 /// before the VM is powered off.
 const KILL_EXIT_WAIT: Duration = Duration::from_secs(30);

@@ -3,9 +3,8 @@
 //! [`KILL_ANSWER_WAIT`] (a hung guest) has the monitor power the VM off instead, which ends
 //! every process of the container; the container is then recorded stopped with status 137.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
+use squib_runtime::sandbox::KILL_ANSWER_WAIT;
 use squib_runtime::state::Status;
 
 use super::{Context, connect_agent, runtime};
@@ -59,8 +58,6 @@ const SIGNALS: &[(&str, u32)] = &[
     ("PWR", 30),
     ("SYS", 31),
 ];
-/// How long the agent may take to take a SIGKILL before the VM is powered off instead.
-pub const KILL_ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// SIGKILL's number.
 const SIGKILL: u32 = 9;
 /// The highest real-time signal number.
@@ -158,14 +155,14 @@ pub fn run(ctx: &Context, args: &KillArgs) -> anyhow::Result<u8> {
     match sent {
         Ok(()) => Ok(0),
         Err(e) if signal == SIGKILL && !agent_answered(&e) => {
-            tracing::warn!(
-                container_id = %state.id,
-                error = %format!("{e:#}"),
-                "powering the microVM off to carry out a SIGKILL"
-            );
             ctx.control(&state.id, "poweroff").with_context(|| {
                 format!("powering the microVM off after the SIGKILL failed ({e:#})")
             })?;
+            tracing::warn!(
+                container_id = %state.id,
+                error = %format!("{e:#}"),
+                "powered the microVM off to carry out a SIGKILL"
+            );
             Ok(0)
         }
         Err(e) => match e.downcast::<squib_runtime::agent_client::AgentClientError>() {
