@@ -15,6 +15,7 @@
 mod commands;
 mod monitor;
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -52,6 +53,10 @@ struct Cli {
     /// Directory of cached root images (else $SQUIB_IMAGE_CACHE, else /var/cache/squib/images).
     #[arg(long, global = true)]
     image_cache: Option<PathBuf>,
+    /// Guest memory in MiB for a container whose spec sets no memory limit (default 256, at
+    /// least 128), as the shim's `memory_mib`.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(128..))]
+    memory_mib: Option<u64>,
     /// Accepted for runc compatibility; squib has no host cgroups to manage.
     #[arg(long, global = true, hide = true)]
     systemd_cgroup: bool,
@@ -128,8 +133,13 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
         // The monitor's stderr is the container's stderr: without --log it logs nowhere; nor
         // does the detached terminal helper, whose stderr is /dev/null.
         (None, _) if matches!(cli.command, Command::Monitor(_) | Command::ExecAttach(_)) => {}
+        // Colours only for a terminal: a log redirected to a file keeps plain text that grep
+        // finds (`reason=GuestTripleFault`, not escape codes between the field and its value).
         (None, LogFormat::Json) => builder.with_writer(std::io::stderr).json().init(),
-        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).init(),
+        (None, LogFormat::Text) => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }

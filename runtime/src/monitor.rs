@@ -197,9 +197,13 @@ impl Booted {
             .rootfs_image
             .clone()
             .with_context(|| format!("container {id} has no root image recorded"))?;
+        let mut sizing = SizingDefaults::default();
+        if let Some(m) = ctx.memory_mib {
+            sizing.mem_mib = m;
+        }
         let plan = VmPlan::new(
             &spec,
-            &SizingDefaults::default(),
+            &sizing,
             &HostLimits::probe(),
             assets,
             &image,
@@ -311,7 +315,11 @@ impl Booted {
                     break match exit {
                         Ok(Ok(status)) => status,
                         Ok(Err(e)) => {
-                            tracing::error!(container_id = %self.id, error = %e, "lost the init process");
+                            tracing::error!(
+                                container_id = %self.id,
+                                error = %e,
+                                "lost the init process"
+                            );
                             VM_LOST_STATUS
                         }
                         Err(_) => VM_LOST_STATUS,
@@ -340,7 +348,14 @@ impl Booted {
                     self.forward(SIGINT);
                 }
                 reason = self.sandbox.stopped() => {
-                    tracing::error!(container_id = %self.id, ?reason, "the microVM stopped");
+                    match reason {
+                        Some(reason) => tracing::error!(
+                            container_id = %self.id,
+                            ?reason,
+                            "the microVM stopped"
+                        ),
+                        None => tracing::error!(container_id = %self.id, "the microVM stopped"),
+                    }
                     break VM_LOST_STATUS;
                 }
             }
@@ -362,7 +377,11 @@ impl Booted {
         state.exit_status = status.or(Some(VM_LOST_STATUS));
         // The container may have been deleted under us (delete --force); nothing to record.
         let _ = ctx.root.save(&state);
-        tracing::info!(container_id = %self.id, exit_status = ?state.exit_status, "container stopped");
+        tracing::info!(
+            container_id = %self.id,
+            exit_status = ?state.exit_status,
+            "container stopped"
+        );
         if graceful {
             let _ = self.sandbox.shutdown(SHUTDOWN_GRACE).await;
         } else {

@@ -251,6 +251,9 @@ pub fn self_command(ctx: &Context) -> anyhow::Result<Command> {
             cmd.arg(flag).arg(v);
         }
     }
+    if let Some(m) = ctx.memory_mib {
+        cmd.arg("--memory-mib").arg(m.to_string());
+    }
     if ctx.log_json {
         cmd.args(["--log-format", "json"]);
     }

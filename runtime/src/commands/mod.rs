@@ -73,6 +73,8 @@ pub struct Context {
     pub initramfs: Option<PathBuf>,
     /// `--image-cache`.
     pub image_cache: Option<PathBuf>,
+    /// `--memory-mib`.
+    pub memory_mib: Option<u64>,
     /// `--log` (passed on to the monitor).
     pub log: Option<PathBuf>,
     /// `--log-format json`.
@@ -91,6 +93,7 @@ impl Context {
             kernel: cli.kernel.clone(),
             initramfs: cli.initramfs.clone(),
             image_cache: cli.image_cache.clone(),
+            memory_mib: cli.memory_mib,
             log: cli.log.clone(),
             log_json: cli.log_format == crate::LogFormat::Json,
             debug: cli.debug,
