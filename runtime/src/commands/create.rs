@@ -380,6 +380,35 @@ mod tests {
     }
 
     #[test]
+    fn test_self_command_passes_the_guest_memory_on_to_the_monitor() {
+        let cli = <crate::Cli as clap::Parser>::try_parse_from([
+            "squib",
+            "--root",
+            "/run/squib-test",
+            "--memory-mib",
+            "192",
+            "list",
+        ])
+        .unwrap();
+        let cmd = self_command(&Context::from_cli(&cli)).unwrap();
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| a == "--memory-mib")
+            .expect("--memory-mib passed on");
+        assert_eq!(args.get(at + 1).map(String::as_str), Some("192"));
+        // Below the smallest guest the runtime boots: refused, naming the flag.
+        let err =
+            <crate::Cli as clap::Parser>::try_parse_from(["squib", "--memory-mib", "64", "list"])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("--memory-mib") && err.contains("64"), "{err}");
+    }
+
+    #[test]
     fn test_rfc3339_formats_known_instants() {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
