@@ -8,7 +8,8 @@
 mod harness {
 
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, ExitStatus, Stdio};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,10 +78,12 @@ mod harness {
             Pid::from_raw(i32::try_from(self.child.as_ref().unwrap().id()).unwrap())
         }
 
+        /// Waits until the socket answers `GET /`: a connect alone could reach another
+        /// listener (see [`stale_socket`]).
         fn wait_for_socket(&mut self) {
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
-                if UnixStream::connect(&self.socket).is_ok() {
+                if answers_get(&self.socket) {
                     return;
                 }
                 if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -105,10 +108,51 @@ mod harness {
                 if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                     return status;
                 }
-                assert!(Instant::now() < deadline, "squib-vmm did not exit in time");
+                if Instant::now() >= deadline {
+                    let child = self.child.as_mut().unwrap();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "squib-vmm did not exit within {timeout:?}; its log:\n{}",
+                        self.stderr()
+                    );
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// Whether a server on `socket` answers `GET /` with 200.
+    fn answers_get(socket: &Path) -> bool {
+        let Ok(mut stream) = UnixStream::connect(socket) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = b"GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n";
+        if stream.write_all(request).is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("HTTP/1.1 200")
+    }
+
+    /// Leaves a stale socket file at `path`: bound, never listening. A listener bound and
+    /// closed here would not do: a test spawning a process on another thread at that moment
+    /// gives the child a copy of every descriptor until it execs, so the closed listener can
+    /// still accept a connect for a while, and a squib-vmm probing it then rightly refuses it
+    /// as live.
+    fn stale_socket(path: &Path) {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+        drop(fd);
+        assert!(path.exists());
     }
 
     impl Drop for Vmm {
@@ -407,9 +451,7 @@ mod harness {
     fn test_vmm_refuses_a_live_socket_and_replaces_a_stale_one() {
         let dir = TempDir::new();
         let socket = dir.path("api.sock");
-        // A stale socket file: bound, then its listener closed.
-        drop(UnixListener::bind(&socket).unwrap());
-        assert!(socket.exists());
+        stale_socket(&socket);
         let first = Vmm::start(&socket);
 
         let mut second = Vmm {
