@@ -144,6 +144,9 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 const PAGE_SIZE: u64 = 0x1000;
+const HUGE_PAGE_SIZE: u64 = 0x20_0000;
+/// The end of the ISA DMA zone (Linux's ZONE_DMA on x86).
+const ZONE_DMA_END: u64 = 0x100_0000;
 
 fn write_bytes(
     mem: &GuestMemoryMmap,
@@ -190,6 +193,7 @@ pub fn load_boot_images(
         reason: e.to_string(),
     };
     let is_elf = magic == *b"\x7fELF";
+    prefer_small_pages(mem, 0, ZONE_DMA_END, "the first 16 MiB");
     let loaded = if is_elf {
         Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_error)?
     } else {
@@ -222,6 +226,10 @@ pub fn load_boot_images(
         });
     }
     let kernel_end = kernel_footprint_end(&loaded);
+    let tail = kernel_end & !(HUGE_PAGE_SIZE - 1);
+    if tail != kernel_end {
+        prefer_small_pages(mem, tail, HUGE_PAGE_SIZE, "the kernel image's last 2 MiB");
+    }
     let initrd_limit = loaded
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max))
@@ -264,6 +272,27 @@ pub fn load_boot_images(
             write_boot_params(mem, &map, loaded.setup_header, cmdline_nul.len(), initrd)?;
             Ok(EntryPoint::Linux64 { entry })
         }
+    }
+}
+
+/// Backs `[gpa, gpa + len)` with 4 KiB pages, where the guest uses memory sparsely; a failure
+/// only costs memory, so it is logged, not returned.
+///
+/// Two ranges qualify (measured with pagemap in the VM test host, 2026-12-05, 128 MiB guest
+/// booted to its init: 22.3 MiB touched, held in 24.6 MiB of 2 MiB pages). The first 16 MiB
+/// are the guest's ISA DMA zone, which Linux allocates from only when the rest of memory is
+/// used up: 2.9 MiB of its first 4 MiB were touched (boot structures, the real-mode
+/// trampoline, early allocations), held in two or three huge pages. And an x86_64 kernel built
+/// with STRICT_KERNEL_RWX (not optional there) ends its .bss on a 2 MiB boundary and puts
+/// .brk after it, which boot code clears: that alone brings in one more huge page, of which
+/// 1 MiB was touched. With both, an idle container's host RSS went from 33.1 to 29.7 MiB (128
+/// MiB guest) and from 41.2 to 36.1 MiB (512 MiB) in `make bench`; the guest's boot to init
+/// took 0.98 s where the run before had 0.89 s (one run each: within the test host's spread,
+/// but some of it is likely the thousand more page faults). Everything else keeps huge pages:
+/// elsewhere 4 KiB pages cost more in faults than they save (see `memory::allocate`).
+fn prefer_small_pages(mem: &GuestMemoryMmap, gpa: u64, len: u64, what: &'static str) {
+    if let Err(error) = crate::memory::prefer_small_pages(mem, gpa, len) {
+        tracing::debug!(%error, what, "guest memory keeps the default page size");
     }
 }
 
