@@ -148,14 +148,9 @@ fn serve(o: Options) -> anyhow::Result<()> {
         .spawn(move || streams::serve(listener, r2))
         .context("start the stream listener")?;
     let manager = Arc::new(Manager::new(o.paths.clone(), reaper, registry));
-    let m2 = manager.clone();
     let pid1 = o.pid1;
+    // Runs after Shutdown has removed every container and answered.
     let shutdown: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        for id in m2.ids() {
-            if let Err(e) = m2.remove(&id) {
-                tracing::warn!(container_id = %id, error = %e, "remove at shutdown failed");
-            }
-        }
         if pid1 {
             system::power_off();
         }

@@ -250,6 +250,14 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     fn shutdown(&self, _: &TtrpcContext, _: agent::ShutdownRequest) -> Res<agent::Empty> {
+        // Everything worth keeping is made safe before the answer, so the host may stop the VM
+        // as soon as it has it instead of waiting for the guest's own reboot.
+        for id in self.manager.ids() {
+            if let Err(e) = self.manager.remove(&id) {
+                tracing::warn!(container_id = %id, error = %e, "remove at shutdown failed");
+            }
+        }
+        nix::unistd::sync();
         let hook = self.shutdown.clone();
         let spawned = std::thread::Builder::new()
             .name("shutdown".into())

@@ -229,15 +229,26 @@ impl Sandbox {
             .flatten()
     }
 
-    /// Asks the agent to shut the guest down, waits up to `grace` for the VM to stop, then
-    /// stops it regardless and releases everything.
+    /// Asks the agent to shut the guest down, then stops the VM and releases everything. The
+    /// agent answers once it has removed every container and synced the guest's file systems,
+    /// so with its answer the VM is stopped at once: the guest's own reboot would add nothing
+    /// but time (about 0.27 s of every `ctr run --rm` in the VM test host, 2026-12-05). Without
+    /// an answer within `grace` (the agent may already be gone), the guest gets up to `grace`
+    /// more to end the VM itself before it is stopped regardless. The reason is the guest's,
+    /// if it ended the VM first.
     pub async fn shutdown(mut self, grace: Duration) -> Option<VmStopReason> {
-        // The agent may already be gone; the VM is stopped below either way.
-        let _ = tokio::time::timeout(grace, self.agent.shutdown()).await;
-        let reason = tokio::time::timeout(grace, self.stops.recv())
-            .await
-            .ok()
-            .flatten();
+        let answered = matches!(
+            tokio::time::timeout(grace, self.agent.shutdown()).await,
+            Ok(Ok(()))
+        );
+        let reason = if answered {
+            self.stops.try_recv().ok()
+        } else {
+            tokio::time::timeout(grace, self.stops.recv())
+                .await
+                .ok()
+                .flatten()
+        };
         self.release();
         reason
     }
