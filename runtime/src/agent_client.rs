@@ -785,7 +785,8 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Asks the agent to sync and power the guest off.
+    /// Asks the agent to remove every container, sync and power the guest off. The answer
+    /// comes after the sync, before the power-off.
     ///
     /// # Errors
     ///
