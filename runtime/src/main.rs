@@ -55,7 +55,7 @@ struct Cli {
     image_cache: Option<PathBuf>,
     /// Guest memory in MiB for a container whose spec sets no memory limit (default 256, at
     /// least 128), as the shim's `memory_mib`.
-    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(128..))]
+    #[arg(long, global = true, value_parser = parse_memory_mib)]
     memory_mib: Option<u64>,
     /// Accepted for runc compatibility; squib has no host cgroups to manage.
     #[arg(long, global = true, hide = true)]
@@ -107,6 +107,15 @@ enum Command {
     /// Bridge a detached exec's terminal (started by `exec --detach --console-socket`).
     #[command(hide = true)]
     ExecAttach(commands::exec::AttachArgs),
+}
+
+/// `--memory-mib`: a whole number of MiB, at least 128.
+fn parse_memory_mib(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(mib) if mib >= 128 => Ok(mib),
+        Ok(mib) => Err(format!("{mib} MiB is too little: at least 128")),
+        Err(e) => Err(format!("not a whole number of MiB: {e}")),
+    }
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {

@@ -82,9 +82,8 @@ pub fn run(ctx: &Context, args: &MonitorArgs) -> anyhow::Result<u8> {
         .console_fd
         .map(console_slave)
         .transpose()
-        .and_then(|slave| Ok((slave, commands::runtime()?)))
-        .and_then(|(slave, rt)| {
-            rt.block_on(async {
+        .and_then(|slave| {
+            commands::block_on(async {
                 let id = ContainerId::new(&args.id)?;
                 let state = ctx.root.load(&id)?;
                 let assets = commands::guest_assets(ctx)?;
@@ -98,7 +97,7 @@ pub fn run(ctx: &Context, args: &MonitorArgs) -> anyhow::Result<u8> {
                     c.forward(booted.agent().clone(), id.to_string(), String::new());
                 }
                 booted.serve(ctx, false, ready.take()).await
-            })
+            })?
         });
     match outcome {
         Ok(_) => Ok(0),

@@ -602,6 +602,26 @@ mod tests {
         );
         w.assert_gone("c07");
 
+        // A terminal run whose stdin stays open and silent still returns when the process
+        // exits: squib forwards stdin on a thread that may never see another byte, and the
+        // run must not wait for it (it did, until a key was pressed).
+        let b = w.bundle("console-open", &["sh", "-c", "exit 3"], |s| {
+            s["process"]["terminal"] = json!(true);
+        });
+        let mut child = w
+            .cmd()
+            .args(["run", "-b", b.to_str().unwrap(), "c07open"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let status = wait(&mut child, SLOW);
+        drop(stdin);
+        assert_eq!(status.code(), Some(3));
+        w.assert_gone("c07open");
+
         // c22 in its OCI form: a cpuset gives the VM exactly that many CPUs.
         let host_cpus = std::thread::available_parallelism().unwrap().get();
         assert!(

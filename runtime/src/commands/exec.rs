@@ -21,7 +21,9 @@ use squib_runtime::console::HostPty;
 use squib_runtime::state::{ContainerId, Status};
 
 use super::create::{CONSOLE_FD, READY_FD, check_console_socket, self_command};
-use super::{Context, Failure, connect_agent, process_start_time, runtime, tty, write_pid_file};
+use super::{
+    Context, Failure, block_on, connect_agent, process_start_time, runtime, tty, write_pid_file,
+};
 
 /// The prefix of the files with which detached terminal helpers register in the container's
 /// state directory: `exec-attach.<pid>`, holding the helper's start time.
@@ -196,8 +198,7 @@ fn exec(ctx: &Context, args: &ExecArgs) -> anyhow::Result<u8> {
     } else {
         None
     };
-    let rt = runtime()?;
-    let status = rt.block_on(async {
+    let status = block_on(async {
         let agent = connect_agent(ctx, &state.id).await?;
         let stdio = if args.detach {
             StdioConfig {
@@ -220,9 +221,7 @@ fn exec(ctx: &Context, args: &ExecArgs) -> anyhow::Result<u8> {
             tty::forward_resizes(agent.clone(), state.id.to_string(), exec_id.clone());
         }
         anyhow::Ok(io.wait(&agent).await?)
-    });
-    // Blocking stdin reads must not hold the process open.
-    rt.shutdown_background();
+    })?;
     let status = status?;
     Ok(u8::try_from(status & 0xff).unwrap_or(1))
 }

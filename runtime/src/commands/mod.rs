@@ -184,6 +184,21 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Runs `work` to completion on a [`runtime`] and returns without waiting for the runtime's
+/// blocking tasks. tokio reads stdin on a blocking thread, and a read of a terminal or of a
+/// pipe left open may never return: dropping the runtime would wait for it, and a foreground
+/// `run` would go on after its container exited, until a key was pressed.
+///
+/// # Errors
+///
+/// The runtime cannot be built.
+pub fn block_on<F: std::future::Future>(work: F) -> anyhow::Result<F::Output> {
+    let rt = runtime()?;
+    let output = rt.block_on(work);
+    rt.shutdown_background();
+    Ok(output)
+}
+
 /// Field 22 of `/proc/PID/stat`: the process's start time in clock ticks since boot.
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{Context, create, runtime, write_pid_file};
+use super::{Context, create, write_pid_file};
 use crate::monitor::{Booted, inherited_stdio};
 
 /// `squib run` arguments.
@@ -75,14 +75,14 @@ pub fn run(ctx: &Context, args: &RunArgs) -> anyhow::Result<u8> {
         } else {
             None
         };
-        runtime()?.block_on(async {
+        super::block_on(async {
             let stdio = inherited_stdio(terminal);
             let booted = Booted::boot(ctx, prepared.state, &prepared.assets, stdio).await?;
             if terminal {
                 super::tty::forward_resizes(booted.agent().clone(), id.to_string(), String::new());
             }
             booted.serve(ctx, true, None).await
-        })
+        })?
     })();
     // Like runc, a foreground run leaves nothing behind, whatever happened.
     let _ = ctx.root.remove(&id);
