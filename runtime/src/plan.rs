@@ -51,14 +51,26 @@ pub const DEFAULT_BOOT_ARGS: &str =
 /// A bundle the runtime cannot run, naming the field and the value.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    /// config.json could not be read or parsed.
+    /// config.json could not be read.
     #[error("reading {path}")]
-    LoadSpec {
+    ReadSpec {
         /// The config.json path.
         path: PathBuf,
-        /// The parse or I/O error.
+        /// The I/O error.
         #[source]
-        source: oci_spec::OciSpecError,
+        source: std::io::Error,
+    },
+    /// config.json is not JSON, or a field of it does not have the type the OCI runtime spec
+    /// gives it. `field` is the JSON path of the field (`linux.resources.memory.limit`), `.`
+    /// when the document itself is wrong; serde's message names the value it found.
+    #[error("{}: {field}: {message}", path.display())]
+    BadSpec {
+        /// The config.json path.
+        path: PathBuf,
+        /// The JSON path of the field.
+        field: String,
+        /// What is wrong there, with the line and column.
+        message: String,
     },
     /// A required field is absent.
     #[error("config.json: {field} is required")]
@@ -167,12 +179,33 @@ impl Default for SizingDefaults {
 ///
 /// # Errors
 ///
-/// [`PlanError::LoadSpec`] for unreadable or malformed JSON, [`PlanError::Missing`] or
-/// [`PlanError::Unsupported`] for specs squib cannot run.
+/// [`PlanError::ReadSpec`] for an unreadable file, [`PlanError::BadSpec`] for malformed JSON
+/// or a field of the wrong type, [`PlanError::Missing`] or [`PlanError::Unsupported`] for specs
+/// squib cannot run.
 pub fn load_spec(bundle: &Path) -> Result<Spec, PlanError> {
     let path = bundle.join("config.json");
-    let spec = Spec::load(&path).map_err(|source| PlanError::LoadSpec { path, source })?;
+    let body = match std::fs::read(&path) {
+        Ok(body) => body,
+        Err(source) => return Err(PlanError::ReadSpec { path, source }),
+    };
+    let spec = parse_spec(&body).map_err(|(field, message)| PlanError::BadSpec {
+        path,
+        field,
+        message,
+    })?;
     check_spec(&spec)?;
+    Ok(spec)
+}
+
+/// Parses a config.json body; on failure, the JSON path of the offending field (serde's own
+/// error gives only a line and column) and serde's message.
+fn parse_spec(body: &[u8]) -> Result<Spec, (String, String)> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let spec: Spec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        (field, e.into_inner().to_string())
+    })?;
+    de.end().map_err(|e| (".".to_owned(), e.to_string()))?;
     Ok(spec)
 }
 
@@ -455,6 +488,68 @@ mod tests {
 
     fn with(extra: &str) -> Spec {
         spec(&format!("{BASE}{extra}}}"))
+    }
+
+    #[test]
+    fn test_parse_spec_names_the_field_and_value_of_a_wrong_type() {
+        let cases = [
+            (
+                r#","linux":{"resources":{"memory":{"limit":"abc"}}}"#,
+                "linux.resources.memory.limit",
+                "\"abc\"",
+            ),
+            (
+                r#","linux":{"resources":{"pids":{"limit":true}}}"#,
+                "linux.resources.pids.limit",
+                "true",
+            ),
+        ];
+        for (extra, field, value) in cases {
+            let json = format!("{BASE}{extra}}}");
+            let (got_field, message) = parse_spec(json.as_bytes()).unwrap_err();
+            assert_eq!(got_field, field, "{json}: {message}");
+            assert!(message.contains(value), "{json}: {message}");
+        }
+        let bogus = BASE.replace(
+            r#""cwd":"/""#,
+            r#""cwd":"/","rlimits":[{"type":"RLIMIT_BOGUS","hard":1,"soft":1}]"#,
+        );
+        let (field, message) = parse_spec(format!("{bogus}}}").as_bytes()).unwrap_err();
+        assert!(field.starts_with("process.rlimits"), "{field}: {message}");
+        assert!(message.contains("RLIMIT_BOGUS"), "{field}: {message}");
+    }
+
+    #[test]
+    fn test_parse_spec_refuses_trailing_text_and_accepts_a_valid_spec() {
+        let (field, message) = parse_spec(format!("{BASE}}} x").as_bytes()).unwrap_err();
+        assert_eq!(field, ".");
+        assert!(message.contains("trailing"), "{message}");
+        let spec = parse_spec(format!("{BASE}}}").as_bytes()).unwrap();
+        assert_eq!(
+            spec.root().as_ref().map(|r| r.path().clone()),
+            Some("rootfs".into())
+        );
+    }
+
+    #[test]
+    fn test_load_spec_error_names_the_file_and_the_field() {
+        let dir = std::env::temp_dir().join(format!("squib-plan-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{BASE},"linux":{{"resources":{{"memory":{{"limit":"abc"}}}}}}}}"#),
+        )
+        .unwrap();
+        let err = load_spec(&dir).unwrap_err().to_string();
+        let missing = load_spec(&dir.join("nope")).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.contains("config.json: linux.resources.memory.limit: "),
+            "{err}"
+        );
+        assert!(err.contains("\"abc\""), "{err}");
+        assert!(matches!(missing, PlanError::ReadSpec { .. }), "{missing}");
     }
 
     /// A host with 64 CPUs and 8 GiB.
