@@ -30,7 +30,7 @@ use squib_runtime::agent_client::{
     AgentClient, AgentClientError, CreateContainer, ProcessIo, StdioConfig,
 };
 use squib_runtime::plan::{GuestAssets, HostLimits, SizingDefaults, VmPlan};
-use squib_runtime::sandbox::{DEFAULT_AGENT_DEADLINE, Sandbox, SandboxConfig};
+use squib_runtime::sandbox::{DEFAULT_AGENT_DEADLINE, Sandbox, SandboxConfig, console_tail};
 use squib_runtime::state::{ContainerId, ContainerState, StateRoot, Status};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -209,14 +209,15 @@ impl Booted {
             &dir.join(VSOCK_SOCKET),
             &std::env::var("SQUIB_GUEST_BOOT_ARGS").unwrap_or_default(),
         )?;
+        let console = dir.join(CONSOLE_LOG);
         let sandbox = Sandbox::boot(SandboxConfig {
             id: id.to_string(),
             plan,
-            console_log: dir.join(CONSOLE_LOG),
+            console_log: console.clone(),
             agent_deadline: DEFAULT_AGENT_DEADLINE,
         })
         .await
-        .with_context(|| format!("booting the microVM of {id}"))?;
+        .map_err(|e| boot_failure(&id, &anyhow::Error::new(e), &console))?;
         let agent = sandbox.agent().clone();
         let fstype = image
             .extension()
@@ -494,4 +495,54 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 fn guest_spec_json(spec: &Spec) -> anyhow::Result<Vec<u8>> {
     serde_json::to_vec(&squib_runtime::plan::guest_spec(spec))
         .context("encoding the container's spec")
+}
+
+/// The error of a failed boot. The console log named in it goes with the container's
+/// directory when the create fails, so its last lines are quoted here.
+fn boot_failure(id: &ContainerId, error: &anyhow::Error, console: &Path) -> anyhow::Error {
+    let tail = console_tail(console, BOOT_FAILURE_CONSOLE_LINES);
+    if tail.is_empty() {
+        anyhow::anyhow!("booting the microVM of {id}: {error:#} (the console printed nothing)")
+    } else {
+        anyhow::anyhow!(
+            "booting the microVM of {id}: {error:#}\nthe end of the console (its log is removed with the container):\n{tail}"
+        )
+    }
+}
+
+/// How many console lines a failed boot's error quotes.
+const BOOT_FAILURE_CONSOLE_LINES: usize = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_boot_failure_quotes_the_console_that_goes_with_the_container() {
+        let dir = std::env::temp_dir().join(format!("squib-monitor-boot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let console = dir.join(CONSOLE_LOG);
+        let lines: Vec<String> = (0..100).map(|i| format!("console line {i}")).collect();
+        std::fs::write(&console, lines.join("\n")).unwrap();
+        let id = ContainerId::new("c1").unwrap();
+        let cause = anyhow::anyhow!("the guest agent did not answer");
+        let quoted = boot_failure(&id, &cause, &console).to_string();
+        let silent = boot_failure(&id, &cause, &dir.join("missing")).to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            quoted.starts_with("booting the microVM of c1: the guest agent did not answer\n"),
+            "{quoted}"
+        );
+        assert!(
+            quoted.ends_with("console line 98\nconsole line 99"),
+            "{quoted}"
+        );
+        assert!(!quoted.contains("console line 79\n"), "{quoted}");
+        assert!(quoted.contains("console line 80\n"), "{quoted}");
+        assert!(
+            silent.ends_with("(the console printed nothing)"),
+            "{silent}"
+        );
+    }
 }
