@@ -387,8 +387,15 @@ async fn boot(args: &BootArgs) -> anyhow::Result<Value> {
 mod tests {
     use super::*;
 
+    /// The tests below each make a 64 MiB mapping in this one process and ask `rss_kib` for
+    /// "the" guest mapping: run together, one found the other's (a CI run, 2026-12-05).
+    static ONE_GUEST_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn test_rss_kib_finds_the_guest_mapping_of_this_process() {
+        let _one = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // A 64 MiB anonymous mapping with 8 MiB touched stands in for guest RAM.
         let len = 64 << 20;
         let mut v = vec![0u8; len];
@@ -406,6 +413,9 @@ mod tests {
     fn test_rss_kib_counts_a_guest_mapping_split_by_madvise_as_one() {
         // A VMM that advises parts of guest RAM differently splits the mapping: the touched
         // 4 MiB at each end of a 64 MiB mapping are in different pieces.
+        let _one = ONE_GUEST_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let len: usize = 64 << 20;
         // SAFETY: a fresh private anonymous mapping, unmapped below; nothing else uses it.
         let p = unsafe {
