@@ -21,9 +21,7 @@ use squib_runtime::console::HostPty;
 use squib_runtime::state::{ContainerId, Status};
 
 use super::create::{CONSOLE_FD, READY_FD, check_console_socket, self_command};
-use super::{
-    Context, Failure, block_on, connect_agent, process_start_time, runtime, tty, write_pid_file,
-};
+use super::{Context, Failure, block_on, connect_agent, process_start_time, tty, write_pid_file};
 
 /// The prefix of the files with which detached terminal helpers register in the container's
 /// state directory: `exec-attach.<pid>`, holding the helper's start time.
@@ -327,8 +325,8 @@ pub fn attach(ctx: &Context, args: &AttachArgs) -> anyhow::Result<u8> {
         ctx.dir(&id)
             .join(format!("{ATTACH_PREFIX}{}", std::process::id()))
     });
-    let rt = runtime()?;
-    let outcome = rt.block_on(async {
+    // The resize task may still wait for a signal; it must not keep the process alive.
+    let outcome = block_on(async {
         let id = ContainerId::new(&args.id)?;
         let slave = crate::monitor::console_slave(args.console_fd)?;
         let console = tty::ConsoleSlave::attach(slave)?;
@@ -353,12 +351,10 @@ pub fn attach(ctx: &Context, args: &AttachArgs) -> anyhow::Result<u8> {
         }
         console.forward(agent.clone(), id.to_string(), args.exec_id.clone());
         anyhow::Ok(io.wait(&agent).await?)
-    });
+    })?;
     if let Ok(path) = &registration {
         let _ = std::fs::remove_file(path);
     }
-    // The resize task may still wait for a signal; it must not keep the process alive.
-    rt.shutdown_background();
     match outcome {
         Ok(status) => Ok(u8::try_from(status & 0xff).unwrap_or(1)),
         Err(e) => {
