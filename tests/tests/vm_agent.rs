@@ -822,7 +822,7 @@ mod tests {
     /// for its whole timeout. The behaviour stays covered on every run: the arm64 VM test host
     /// runs this case, and vm_shim's large_output streams from a container through the shim,
     /// this client and the agent (a 1-vCPU squib-vmm guest; 16 MiB in the x86_64 VM test host,
-    /// whose faults the 100 MiB stream set off in most runs even there) and compares it byte
+    /// whose faults the 100 MiB stream set off in 3 runs of 8 even there) and compares it byte
     /// for byte.
     fn with_100mib() -> bool {
         std::env::var_os("SQUIB_AGENT_100MIB").is_some_and(|v| !v.is_empty())

@@ -484,7 +484,7 @@ fn case_exec(c: &Containerd) -> CaseResult {
 /// How many bytes large_output streams: 100 MiB on a hardware KVM (or with SQUIB_SHIM_100MIB
 /// set and not empty), 16 MiB in the emulated VM test host.
 ///
-/// There the 100 MiB stream set off the host's own faults in most runs on 2026-12-05 (README,
+/// There the 100 MiB stream set off the host's own faults in 3 of 8 runs on 2026-12-05 (README,
 /// "Known faults of the VM test host"): the 1-vCPU guest triple-faulted or hung in it, and
 /// L1's kernel panicked ("TASK stack guard page was hit" in squib's vcpu0 thread), with and
 /// without that day's memory change; a CI run lost all three of vm_shim's L1 boots. At 16 MiB
